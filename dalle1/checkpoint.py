@@ -1,0 +1,190 @@
+"""Model folders: a trained model is a self-contained directory that loads with one call.
+
+    model/
+      config.json            the full dalle1 config that trained it (all sections)
+      tokenizer.json         the BPE text tokenizer (tokenizers' own JSON)
+      vae/config.json        VAEConfig
+      vae/model.safetensors
+      dalle/config.json      DALLEConfig + the stream shape (vocabularies, lengths, grid)
+      dalle/model.safetensors
+      clip/...               optional reranker, same layout
+
+Weights are only ever read with safetensors (no pickle, so no code runs on
+load); configs and the tokenizer are parsed as JSON. Folders are written under
+a temporary name and renamed into place, so a crash never leaves half a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from .config import Config, DALLEConfig, VAEConfig, _build, config_from_dict
+from .text import TextTokenizer
+from .transformer import DALLE, StreamShape
+from .vae import DiscreteVAE
+
+
+class ModelFolderError(ValueError):
+    """A model folder is missing a part, or its parts do not fit together."""
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    if not path.exists():
+        raise ModelFolderError(f"missing file '{path}'")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelFolderError(f"'{path}' is not valid JSON ({err})") from None
+
+
+def save_component(module: torch.nn.Module, config: dict, folder: Path) -> None:
+    """``folder/config.json`` + ``folder/model.safetensors`` (save_model handles tied weights)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "config.json", config)
+    save_model(module, str(folder / "model.safetensors"))
+
+
+def load_weights(module: torch.nn.Module, folder: Path) -> torch.nn.Module:
+    path = folder / "model.safetensors"
+    if not path.exists():
+        raise ModelFolderError(f"missing weights '{path}'")
+    try:
+        load_model(module, str(path), strict=True, device="cpu")
+    except RuntimeError as err:  # shapes in the weights disagree with config.json
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
+        raise ModelFolderError(
+            f"weights '{path}' do not fit '{folder / 'config.json'}': {detail}"
+        ) from None
+    return module
+
+
+def atomic_folder(final: str | Path):
+    """Context manager yielding a temporary folder that replaces ``final`` on success."""
+    return _AtomicFolder(Path(final))
+
+
+class _AtomicFolder:
+    def __init__(self, final: Path):
+        self.final = final
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        for root, _, files in os.walk(self.tmp):
+            for name in files:
+                with open(os.path.join(root, name), "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = None
+        if self.final.exists():
+            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+            os.replace(self.final, old)
+        os.replace(self.tmp, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# --- components ---------------------------------------------------------------------------
+
+
+def save_vae(vae: DiscreteVAE, folder: Path) -> None:
+    save_component(vae, asdict(vae.cfg), folder)
+
+
+def load_vae(folder: str | Path) -> DiscreteVAE:
+    folder = Path(folder)
+    sub = folder / "vae" if (folder / "vae").is_dir() else folder
+    cfg = _build(VAEConfig, read_json(sub / "config.json"), "vae.")
+    return load_weights(DiscreteVAE(cfg), sub).eval()
+
+
+def save_dalle(model: DALLE, folder: Path) -> None:
+    save_component(model, {**asdict(model.cfg), "stream": asdict(model.shape)}, folder)
+
+
+def load_dalle(folder: Path) -> DALLE:
+    data = read_json(folder / "config.json")
+    shape = StreamShape(**data.pop("stream"))
+    cfg = _build(DALLEConfig, data, "dalle.")
+    return load_weights(DALLE(cfg, shape), folder).eval()
+
+
+def export_model(
+    out: str | Path,
+    config: Config,
+    vae: DiscreteVAE,
+    dalle: DALLE | None = None,
+    tokenizer: TextTokenizer | None = None,
+    extra: dict[str, torch.nn.Module] | None = None,
+) -> Path:
+    """Write a complete model folder atomically."""
+    with atomic_folder(out) as tmp:
+        config.save_json(tmp / "config.json")
+        save_vae(vae, tmp / "vae")
+        if dalle is not None:
+            save_dalle(dalle, tmp / "dalle")
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.json")
+        for name, module in (extra or {}).items():
+            save_component(module, getattr(module, "export_config", dict)(), tmp / name)
+    return Path(out)
+
+
+def load_config_json(folder: str | Path) -> Config:
+    data = read_json(Path(folder) / "config.json")
+    known = {f.name for f in fields(Config)}
+    return config_from_dict({k: v for k, v in data.items() if k in known})
+
+
+def check_fit(vae: DiscreteVAE, dalle: DALLE, tokenizer: TextTokenizer) -> None:
+    """Raise ModelFolderError naming both numbers when the parts of a folder disagree."""
+    s = dalle.shape
+    pairs = [
+        ("transformer image vocabulary", s.image_vocab, "VAE codebook size", vae.codebook_size),
+        ("transformer image grid", s.grid, "VAE grid", vae.grid_size),
+        (
+            "transformer text vocabulary",
+            s.text_vocab,
+            "tokenizer vocabulary (BPE + pads)",
+            tokenizer.vocab_size,
+        ),
+        ("transformer text length", s.text_len, "tokenizer text length", tokenizer.text_len),
+        ("transformer <bos> id", s.bos_id, "tokenizer <bos> id", tokenizer.bos_id),
+    ]
+    for name_a, a, name_b, b in pairs:
+        if a != b:
+            raise ModelFolderError(
+                f"model folder parts disagree: {name_a} = {a} but {name_b} = {b}"
+            )
+
+
+def load_parts(folder: str | Path) -> tuple[Config, DiscreteVAE, DALLE, TextTokenizer]:
+    """Load and cross-check every part of a complete model folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFolderError(f"model folder '{folder}' does not exist")
+    config = load_config_json(folder)
+    vae = load_vae(folder / "vae")
+    dalle = load_dalle(folder / "dalle")
+    if not (folder / "tokenizer.json").exists():
+        raise ModelFolderError(f"missing file '{folder / 'tokenizer.json'}'")
+    tokenizer = TextTokenizer.load(folder / "tokenizer.json", dalle.shape.text_len)
+    check_fit(vae, dalle, tokenizer)
+    return config, vae, dalle, tokenizer

@@ -1,0 +1,261 @@
+"""Configuration as plain dataclasses, one per section of a YAML file.
+
+A config file has the sections ``data``, ``text``, ``vae``, ``dalle``, ``clip``
+and ``train``; ``train.stage`` says which model the file trains. Every number
+the paper fixes has a named field here, with the paper's value in the comment
+of ``configs/paper_*.yaml``.
+
+Loading is strict: an unknown key names itself and the allowed keys, a wrong
+type names the key and the expected type (:class:`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message says which key and why."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shapes"  # folder of images + same-stem .txt captions (or a manifest / shards)
+    format: str = "auto"  # auto | folder | manifest | webdataset
+    image_size: int = 32  # images are resized (and centre-cropped) to this many pixels
+    val_fraction: float = 0.05  # held-out share of the data, for validation metrics
+    batch_size: int = 32
+    num_workers: int = 0
+    synthetic_count: int = 0  # >0: generate the built-in shapes set at `path` if it is missing
+    synthetic_max_shapes: int = 1  # 1 or 2 shapes per built-in image
+    seed: int = 0
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 512  # BPE vocabulary, special tokens included (paper: 16384)
+    text_len: int = 16  # text positions in the stream (paper: 256)
+    bpe_dropout: float = 0.0  # paper: 0.1 during training
+    lowercase: bool = True  # paper: captions are lowercased
+
+
+@dataclass
+class VAEConfig:
+    image_size: int = 32
+    channels: int = 3
+    hidden_dim: int = 64  # channels after the stem; doubled at every downsampling
+    num_downsamples: int = 2  # grid = image_size / 2**num_downsamples (paper: 3, 256 -> 32)
+    num_res_blocks: int = 1  # residual blocks per resolution
+    codebook_size: int = 256  # image vocabulary (paper: 8192)
+    codebook_dim: int = 64  # dimension of a code vector (vq); ignored by gumbel/fsq
+    quantizer: str = "vq"  # vq | fsq | gumbel
+    recon_loss: str = "mse"  # mse | l1 | logit_laplace
+    # vq options (vector-quantize-pytorch VectorQuantize)
+    vq_decay: float = 0.99  # EMA decay of the codebook
+    vq_commitment_weight: float = 0.25
+    vq_kmeans_init: bool = True
+    vq_dead_code_threshold: float = 2.0  # replace codes used fewer times than this per batch
+    vq_cosine: bool = False  # cosine-similarity codebook
+    # fsq options
+    fsq_levels: list[int] = field(default_factory=list)  # empty: chosen from codebook_size
+    # gumbel options (paper section 2.1 / appendix A.2)
+    gumbel_tau_start: float = 1.0
+    gumbel_tau_end: float = 1.0 / 16
+    gumbel_tau_steps: int = 150_000  # paper: annealed over the first 150k updates
+    gumbel_kl_weight: float = 6.6  # paper: beta ramped 0 -> 6.6
+    gumbel_kl_steps: int = 5_000  # paper: over the first 5k updates
+    gumbel_straight_through: bool = False
+    logit_laplace_eps: float = 0.1  # paper: epsilon of the squashed pixel mapping
+
+
+@dataclass
+class DALLEConfig:
+    dim: int = 256  # model width (paper: 3968 = 62 heads x 64)
+    depth: int = 4  # transformer layers (paper: 64)
+    heads: int = 4  # attention heads (paper: 62)
+    dim_head: int = 64  # width of one head (paper: 64)
+    ff_mult: int = 4
+    dropout: float = 0.0
+    attention: str = "dense"  # dense | dalle (row/column/conv schedule, paper appendix B.1)
+    conv_kernel: int = 11  # side of the convolutional mask (paper: 11)
+    text_loss_weight: float = 0.125  # paper: 1/8 text, 7/8 image
+    p_uncond: float = 0.0  # caption dropout for classifier-free guidance
+    vae: str = ""  # model folder holding the trained image tokenizer
+
+
+@dataclass
+class CLIPConfig:
+    dim: int = 128
+    depth: int = 2
+    heads: int = 4
+    embed_dim: int = 64
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "vae"  # vae | dalle | clip
+    out_dir: str = "outputs/run"  # logs, checkpoints and the exported model folder
+    max_steps: int = 1000
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    accelerator: str = "auto"  # cpu | gpu | auto
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp
+    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    accumulate_grad_batches: int = 1
+    log_every: int = 10
+    ckpt_every: int = 200  # steps between Lightning checkpoints (for --resume)
+    sample_every: int = 0  # steps between picture grids in the log folder; 0 = off
+    threads: int = 0  # torch.set_num_threads; 0 = leave torch's default
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    dalle: DALLEConfig = field(default_factory=DALLEConfig)
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+
+SECTIONS = {f.name: f.type for f in fields(Config)}
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+    """Return ``value`` coerced to ``annotation`` or raise ConfigError naming ``key``."""
+    hint = annotation
+    if hint is Any:
+        return value
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} ({value!r})")
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if hint in (int, float) and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected {hint.__name__}, got bool ({value!r})")
+    if not isinstance(value, hint):
+        raise ConfigError(
+            f"{key}: expected {hint.__name__}, got {type(value).__name__} ({value!r})"
+        )
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(values).__name__}")
+    allowed = {f.name: f for f in fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in allowed:
+            raise ConfigError(f"unknown key '{name}'; allowed keys: {', '.join(allowed)}")
+        ftype = hints[key]
+        if dataclasses.is_dataclass(ftype):
+            kwargs[key] = _build(ftype, value or {}, f"{name}.")
+        else:
+            kwargs[key] = _check_type(name, value, ftype)
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict) -> Config:
+    """Build a validated :class:`Config` from nested dictionaries (YAML / JSON)."""
+    cfg = _build(Config, values or {}, "")
+    validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.max_steps=10"`` -> (["train", "max_steps"], 10); values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({err})") from None
+    return key.split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults), apply ``section.key=value`` overrides, validate."""
+    values: dict = {}
+    if path is not None:
+        try:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = values
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return config_from_dict(values)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type check alone cannot express."""
+    choices = {
+        "train.stage": (cfg.train.stage, ("vae", "dalle", "clip")),
+        "vae.quantizer": (cfg.vae.quantizer, ("vq", "fsq", "gumbel")),
+        "vae.recon_loss": (cfg.vae.recon_loss, ("mse", "l1", "logit_laplace")),
+        "dalle.attention": (cfg.dalle.attention, ("dense", "dalle")),
+        "data.format": (cfg.data.format, ("auto", "folder", "manifest", "webdataset")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(allowed)}")
+    v = cfg.vae
+    if v.image_size % (2**v.num_downsamples) != 0:
+        raise ConfigError(
+            f"vae.image_size={v.image_size} is not divisible by 2**vae.num_downsamples={2**v.num_downsamples}"
+        )
+    if not 0.0 <= cfg.dalle.text_loss_weight <= 1.0:
+        raise ConfigError(f"dalle.text_loss_weight={cfg.dalle.text_loss_weight} must lie in [0, 1]")
+    if not 0.0 <= cfg.dalle.p_uncond < 1.0:
+        raise ConfigError(f"dalle.p_uncond={cfg.dalle.p_uncond} must lie in [0, 1)")
+    if cfg.dalle.conv_kernel % 2 != 1:
+        raise ConfigError(f"dalle.conv_kernel={cfg.dalle.conv_kernel} must be odd")
+    for key in (
+        "text.vocab_size",
+        "text.text_len",
+        "vae.codebook_size",
+        "dalle.depth",
+        "dalle.heads",
+    ):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ConfigError(f"{key} must be >= 1")
