@@ -74,6 +74,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--scale", type=int, default=4, help="upscale factor for grid.png (nearest)")
     p.add_argument("--device", default="cpu")
+    add_edit_flags(p)  # --image … turns `sample` into `edit`
 
 
 @command("sample", add_sample_args)
@@ -83,6 +84,9 @@ def run_sample(args: argparse.Namespace) -> None:
     from .data import pil_to_tensor, save_grid
     from .pipeline import DALLEPipeline
 
+    if args.image is not None or edit_mode_flags(args):
+        run_edit(args)
+        return
     pipe = DALLEPipeline.from_pretrained(args.model, device=args.device)
     result = pipe(
         args.prompt,
@@ -113,6 +117,153 @@ def run_sample(args: argparse.Namespace) -> None:
     print(f"wrote {len(result.images)} images and grid.png to {out}")
 
 
+# --- edit --------------------------------------------------------------------------------
+
+
+def add_edit_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "editing (give --image and one of --box, --mask, --complete-rows, --variation)"
+    )
+    g.add_argument("--image", default=None, help="image to edit")
+    g.add_argument(
+        "--box", default=None, metavar="x0,y0,x1,y1", help="region to repaint, in pixels"
+    )
+    g.add_argument("--mask", default=None, help="mask image: white = repaint, black = keep")
+    g.add_argument(
+        "--complete-rows",
+        type=int,
+        default=None,
+        metavar="K",
+        help="keep the top K rows of codes and sample the rest (paper: 15 of 32)",
+    )
+    g.add_argument(
+        "--variation",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="re-sample this fraction of the codes (see --variation-mode)",
+    )
+    g.add_argument("--variation-mode", choices=("random", "lower"), default="random")
+    g.add_argument("--mask-seed", type=int, default=0, help="seed of the random variation cells")
+    g.add_argument(
+        "--candidates", type=int, default=None, help="samples to rank (default: --num-images or 4)"
+    )
+    g.add_argument(
+        "--no-composite",
+        action="store_true",
+        help="keep the decoder's pixels everywhere instead of pasting the input outside the region",
+    )
+    g.add_argument(
+        "--feather", type=int, default=0, help="soft blend of this many px at the border"
+    )
+
+
+def edit_mode_flags(args: argparse.Namespace) -> list[str]:
+    given = {
+        "--box": args.box,
+        "--mask": args.mask,
+        "--complete-rows": args.complete_rows,
+        "--variation": args.variation,
+    }
+    return [k for k, v in given.items() if v is not None]
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:
+        raise ValueError(f"--box must be x0,y0,x1,y1 (four numbers), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def add_edit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder written by train.py")
+    p.add_argument(
+        "--prompt", action="append", default=None, help="caption (none = the empty caption)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="candidate i uses seed + i")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--out", default="outputs/edits", help="folder for the PNGs and grid.png")
+    p.add_argument("--scale", type=int, default=4, help="upscale factor for grid.png (nearest)")
+    p.add_argument("--device", default="cpu")
+    add_edit_flags(p)
+
+
+@command("edit", add_edit_args)
+def run_edit(args: argparse.Namespace) -> None:
+    """Repaint a box or mask of an image, complete it from its top rows, or make variations."""
+    import torch
+
+    from .data import pil_to_tensor, save_grid
+    from .pipeline import DALLEPipeline
+
+    modes = edit_mode_flags(args)
+    if args.image is None:
+        raise ValueError(f"{' '.join(modes) or 'editing'} needs --image")
+    if len(modes) != 1:
+        raise ValueError("give one of --box, --mask, --complete-rows, --variation")
+    prompts = args.prompt or [""]
+    if len(prompts) != 1:
+        raise ValueError(f"editing takes one --prompt, got {len(prompts)}")
+    candidates = args.candidates or getattr(args, "num_images", None) or 4
+    pipe = DALLEPipeline.from_pretrained(args.model, device=args.device)
+    common = dict(
+        candidates=candidates,
+        seed=args.seed,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        cond_scale=args.cond_scale,
+        composite=not args.no_composite,
+        feather=args.feather,
+        progress=True,
+    )
+    if args.box is not None:
+        result = pipe.edit(args.image, prompts[0], box=parse_box(args.box), **common)
+    elif args.mask is not None:
+        result = pipe.edit(args.image, prompts[0], mask_image=args.mask, **common)
+    elif args.complete_rows is not None:
+        result = pipe.complete(args.image, prompts[0], rows=args.complete_rows, **common)
+    else:
+        result = pipe.variations(
+            args.image,
+            prompts[0],
+            fraction=args.variation,
+            mode=args.variation_mode,
+            mask_seed=args.mask_seed,
+            **common,
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.original.save(out / "original.png")
+    result.mask.save(out / "mask.png")
+    lines = []
+    for i, (image, seed, score) in enumerate(zip(result.images, result.seeds, result.scores)):
+        image.save(out / f"{i:02d}.png")
+        lines.append(f"{i:02d}.png\tseed={seed}\tscore={score:.4f}")
+    size = pipe.vae.cfg.image_size
+    panels = [result.original, result.mask, *result.images]
+    save_grid(
+        torch.stack([pil_to_tensor(im, size) for im in panels]),
+        out / "grid.png",
+        nrow=len(panels),
+        scale=args.scale,
+    )
+    header = [
+        f"prompt: {prompts[0]!r}",
+        "grid.png: original, mask (white = repainted), then candidates best first",
+        "score: log-likelihood (nats) of the kept codes after the region; 0 = none after it",
+        "",
+    ]
+    (out / "scores.txt").write_text("\n".join(header + lines) + "\n")
+    print(f"wrote {len(result.images)} candidates and grid.png to {out}")
+
+
 # --- data --------------------------------------------------------------------------------
 
 
@@ -124,17 +275,368 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     shapes.add_argument("--image-size", type=int, default=32)
     shapes.add_argument("--max-shapes", type=int, default=1, choices=(1, 2))
     shapes.add_argument("--seed", type=int, default=0)
+    add_data_format_args(sub)
+    add_data_check_args(sub)
 
 
 @command("data", add_data_args)
 def run_data(args: argparse.Namespace) -> None:
     from .data import make_shapes_dataset
 
+    if args.data_command in DATA_FORMAT_COMMANDS:
+        return run_data_format(args)
+    if args.data_command == "check":
+        return run_data_check(args)
     if args.data_command == "shapes":
         path = make_shapes_dataset(
             args.out, args.count, args.image_size, args.seed, args.max_shapes
         )
         print(f"wrote {args.count} captioned images to {path}")
+
+
+# --- data check: list the files training would skip or convert ---------------------------
+
+
+def add_data_check_args(sub) -> None:
+    check = sub.add_parser(
+        "check", help="list unreadable images, missing/empty/odd captions; no training"
+    )
+    check.add_argument("dir", help="folder of images with same-stem .txt captions")
+    check.add_argument(
+        "--image-size", type=int, default=None, help="report images smaller than this (upscaled)"
+    )
+    check.add_argument(
+        "--skipped-only", action="store_true", help="list only files that would be skipped"
+    )
+
+
+def run_data_check(args: argparse.Namespace) -> None:
+    """Exit status 0 if every image would be used, 1 if some would be skipped."""
+    from .datacheck import DataProblems, check_folder, format_report
+
+    usable, problems = check_folder(args.dir, args.image_size)
+    if args.skipped_only:
+        kept = DataProblems()
+        for p in problems.read():
+            if p.action == "skipped":
+                kept.record(p.path, p.reason)
+        problems = kept
+    print(format_report(usable, problems))
+    if problems.skipped():
+        raise SystemExit(1)
+
+
+# --- data shard / encode / emoji: other formats, pre-tokenised images, the emoji set -------
+
+DATA_FORMAT_COMMANDS = ("shard", "encode", "emoji")
+
+
+def add_data_format_args(sub) -> None:
+    shard = sub.add_parser("shard", help="pack a folder or manifest into WebDataset tar shards")
+    shard.add_argument("src", help="folder of images + .txt, a .jsonl/.csv manifest, or shards")
+    shard.add_argument("out", help="folder for shard-000000.tar, shard-000001.tar, ...")
+    shard.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    shard.add_argument("--prefix", default="shard", help="shard file name prefix")
+    encode = sub.add_parser("encode", help="run a trained VAE once and store the image codes")
+    encode.add_argument("--model", required=True, help="model folder holding the VAE")
+    encode.add_argument("--data", required=True, help="folder, manifest or shards to encode")
+    encode.add_argument("--out", required=True, help="codes folder (set data.codes to it)")
+    encode.add_argument("--batch-size", type=int, default=64)
+    emoji = sub.add_parser("emoji", help="render Noto Color Emoji with Unicode names as captions")
+    emoji.add_argument("out", help="folder for the PNG + .txt pairs")
+    emoji.add_argument("--size", type=int, default=64, help="pixels per side")
+    emoji.add_argument("--font", default=None, help="path to NotoColorEmoji.ttf")
+    emoji.add_argument("--limit", type=int, default=None, help="render at most this many")
+
+
+def run_data_format(args: argparse.Namespace) -> None:
+    from .config import DataConfig
+    from .data import data_format, load_pairs, write_shards
+
+    if args.data_command == "shard":
+        cfg = DataConfig(path=args.src)
+        if data_format(cfg) == "webdataset":
+            raise ValueError(f"'{args.src}' already holds shards")
+        paths = write_shards(load_pairs(cfg), args.out, args.shard_size, args.prefix)
+        print(f"wrote {len(paths)} shards to {args.out}")
+    elif args.data_command == "encode":
+        from .codes import encode_data
+
+        out = encode_data(args.model, DataConfig(path=args.data), args.out, args.batch_size)
+        print(f"wrote codes to {out} (train with data.codes={out})")
+    elif args.data_command == "emoji":
+        from .emoji import make_emoji_dataset
+
+        count = make_emoji_dataset(args.out, args.size, font_path=args.font, limit=args.limit)
+        print(f"wrote {count} captioned emoji to {args.out}")
+
+
+# --- classify / eval / synth: the contrastive scorer (dalle1/rerank.py, docs/rerank.md) ------
+
+
+def add_scoring_sample_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling over image codes")
+    p.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+
+
+def scoring_sample_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "cond_scale": args.cond_scale,
+    }
+
+
+def add_classify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder with clip/ (train stage clip)")
+    p.add_argument(
+        "--labels", required=True, help="comma-separated labels, or a file with one per line"
+    )
+    p.add_argument(
+        "--template",
+        action="append",
+        default=None,
+        help="caption with {} for the label (default 'a {}'); repeat to average several",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per image")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("images", nargs="+", help="image files")
+
+
+@command("classify", add_classify_args)
+def run_classify(args: argparse.Namespace) -> None:
+    """Zero-shot classification of images with the model's contrastive scorer."""
+    import json
+
+    import torch
+
+    from .data import load_image
+    from .pipeline import DALLEPipeline
+    from .rerank import parse_list, zero_shot
+
+    pipe = DALLEPipeline.from_pretrained(args.model, device=args.device)
+    if pipe.clip is None:
+        raise ValueError(f"'{args.model}' has no clip/ scorer; train one with train.stage=clip")
+    labels = parse_list(args.labels)
+    templates = args.template or ["a {}"]
+    for path in args.images:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"image '{path}' does not exist")
+    images = [load_image(path, pipe.clip.image_size) for path in args.images]
+    probs = zero_shot(pipe.clip, pipe.tokenizer, torch.stack(images), labels, templates)
+    for path, row in zip(args.images, probs):
+        best = int(row.argmax())
+        if args.json:
+            scores = {label: round(float(p), 6) for label, p in zip(labels, row)}
+            print(json.dumps({"file": path, "label": labels[best], "probs": scores}))
+        else:
+            print(f"{path}\t{labels[best]}\t{float(row[best]):.4f}")
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder (clip/ enables the scorer figures)")
+    p.add_argument("--data", required=True, help="captioned folder (image + same-stem .txt)")
+    p.add_argument(
+        "--prompts",
+        required=True,
+        help='JSONL {"prompt": ..., "label": ...} or lines "label<TAB>prompt" / "prompt"',
+    )
+    p.add_argument(
+        "--split",
+        choices=("val", "all"),
+        default="val",
+        help="val: the held-out part of --data under the model's own split; all: every pair",
+    )
+    p.add_argument("--max-pairs", type=int, default=1024, help="held-out pairs for the NLL")
+    p.add_argument("--num-images", type=int, default=32, help="samples per prompt")
+    p.add_argument("--keep", type=int, default=4, help="best samples kept when reranking")
+    p.add_argument(
+        "--template",
+        action="append",
+        default=None,
+        help="zero-shot template with {} for the label (default '{}'); repeat to average",
+    )
+    p.add_argument("--out", default=None, help="also write the JSON to this file")
+    add_scoring_sample_flags(p)
+
+
+@command("eval", add_eval_args)
+def run_eval(args: argparse.Namespace) -> None:
+    """Held-out bits per token, scorer figures with and without reranking, label accuracy."""
+    import json
+
+    from .pipeline import DALLEPipeline
+    from .rerank import evaluate, read_prompts
+
+    prompts = read_prompts(args.prompts)
+    pipe = DALLEPipeline.from_pretrained(args.model, device=args.device)
+    result = evaluate(
+        pipe,
+        args.data,
+        prompts,
+        num_images=args.num_images,
+        keep=args.keep,
+        split=args.split,
+        max_pairs=args.max_pairs,
+        templates=args.template,
+        seed=args.seed,
+        **scoring_sample_kwargs(args),
+    )
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+
+
+def add_synth_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder (clip/ gives the scores)")
+    p.add_argument(
+        "--classes", required=True, help="comma-separated class names, or a file, one per line"
+    )
+    p.add_argument(
+        "--templates",
+        default=None,
+        help="file of prompt templates, one per line with {} for the class (default 'a {}')",
+    )
+    p.add_argument("--per-class", type=int, required=True, help="images made per class")
+    p.add_argument(
+        "--min-score", type=float, default=None, help="drop (and count) images scoring below"
+    )
+    p.add_argument("--out", required=True, help="output folder: <class>/*.png + manifest.jsonl")
+    p.add_argument("--batch-size", type=int, default=16, help="images sampled at once")
+    add_scoring_sample_flags(p)
+
+
+@command("synth", add_synth_args)
+def run_synth(args: argparse.Namespace) -> None:
+    """Synthesize a labelled ImageFolder dataset, filtered by score; resumable."""
+    import json
+
+    from .pipeline import DALLEPipeline
+    from .rerank import parse_list, synthesize
+
+    classes = parse_list(args.classes)
+    if args.templates is None:
+        templates = ["a {}"]
+    elif Path(args.templates).is_file():
+        templates = parse_list(args.templates)
+    else:
+        raise FileNotFoundError(f"templates file '{args.templates}' does not exist")
+    pipe = DALLEPipeline.from_pretrained(args.model, device=args.device)
+    summary = synthesize(
+        pipe,
+        classes,
+        templates,
+        args.per_class,
+        args.out,
+        min_score=args.min_score,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        **scoring_sample_kwargs(args),
+    )
+    print(json.dumps(summary))
+
+
+# --- explain / ui: pictures of the mechanics, the local web page (docs/tour.md, docs/ui.md) --
+
+
+def add_explain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder written by train.py")
+    p.add_argument("--out", default="outputs/explain", help="folder for the pictures")
+    p.add_argument("--prompt", default=None, help="caption for the stream layout and animation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the animated sample")
+    p.add_argument(
+        "--images", nargs="*", default=None, help="images to reconstruct (default: the data folder)"
+    )
+    p.add_argument(
+        "--schedule-only", action="store_true", help="draw only the configured masks"
+    )
+
+
+@command("explain", add_explain_args)
+def run_explain(args: argparse.Namespace) -> None:
+    """Draw the token stream, attention masks, raster order, VAE and training pictures."""
+    from .explain import explain
+
+    result = explain(
+        args.model,
+        args.out,
+        prompt=args.prompt,
+        seed=args.seed,
+        images=args.images,
+        all_kinds=not args.schedule_only,
+    )
+    for name in result.files:
+        print(f"wrote {Path(args.out) / name}")
+    for name, why in result.skipped.items():
+        print(f"skipped {name}: {why}")
+
+
+def add_ui_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder written by train.py")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (local by default)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default="cpu")
+
+
+@command("ui", add_ui_args)
+def run_ui(args: argparse.Namespace) -> None:
+    """Serve the web page: prompt -> images with scores, and region editing (needs dalle1[ui])."""
+    from .ui import launch
+
+    launch(args.model, host=args.host, port=args.port, device=args.device)
+
+
+# --- eval-vae: reconstruction quality of an image tokenizer (docs/vae.md) ----------------
+
+
+def add_eval_vae_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder holding a VAE (or its vae/ part)")
+    p.add_argument("--data", required=True, help="folder of images with same-stem .txt captions")
+    p.add_argument(
+        "--out", default=None, help="folder for metrics.json and recon.png (default: none written)"
+    )
+    p.add_argument("--limit", type=int, default=0, help="evaluate the first N images only; 0 = all")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--grid", type=int, default=8, help="images in recon.png (originals above)")
+    p.add_argument("--scale", type=int, default=2, help="upscale factor for recon.png (nearest)")
+
+
+@command("eval-vae", add_eval_vae_args)
+def run_eval_vae(args: argparse.Namespace) -> None:
+    """Reconstruction PSNR / MSE and codebook usage of a VAE on a folder, as JSON."""
+    import json
+
+    import torch
+
+    from .checkpoint import load_vae
+    from .data import CaptionedFolder, find_pairs, save_grid
+    from .training import evaluate_vae
+
+    if args.limit < 0 or args.batch_size < 1 or args.grid < 0:
+        raise ValueError("--limit, --grid must be >= 0 and --batch-size >= 1")
+    vae = load_vae(args.model)
+    pairs = find_pairs(args.data)
+    if args.limit:
+        pairs = pairs[: args.limit]
+    data = CaptionedFolder(None, vae.cfg.image_size, pairs)
+    metrics = {**evaluate_vae(vae, data, batch_size=args.batch_size), "images": len(data)}
+    print(json.dumps(metrics))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if args.grid:
+            n = min(args.grid, len(data))
+            originals = torch.stack([data[i][0] for i in range(n)])
+            with torch.no_grad():
+                recons = vae.decode(vae.encode(originals))
+            save_grid(torch.cat([originals, recons]), out / "recon.png", nrow=n, scale=args.scale)
 
 
 # --- entry point -------------------------------------------------------------------------

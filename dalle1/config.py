@@ -33,6 +33,8 @@ class DataConfig:
     val_fraction: float = 0.05  # held-out share of the data, for validation metrics
     batch_size: int = 32
     num_workers: int = 0
+    shuffle_buffer: int = 1000  # webdataset: samples mixed in the streaming shuffle buffer
+    codes: str = ""  # `dalle1 data encode` folder: the dalle stage reads codes, not images
     synthetic_count: int = 0  # >0: generate the built-in shapes set at `path` if it is missing
     synthetic_max_shapes: int = 1  # 1 or 2 shapes per built-in image
     seed: int = 0
@@ -92,10 +94,16 @@ class DALLEConfig:
 
 @dataclass
 class CLIPConfig:
-    dim: int = 128
-    depth: int = 2
-    heads: int = 4
-    embed_dim: int = 64
+    model: str = ""  # model folder (trained transformer) to add clip/ to; its tokenizer is used
+    dim: int = 128  # text transformer width (and the image encoder's hidden width)
+    depth: int = 2  # text transformer layers
+    heads: int = 4  # text attention heads
+    dim_head: int = 32  # width of one text attention head
+    embed_dim: int = 64  # joint image-text embedding size
+    image_size: int = 0  # pixels the image encoder reads; 0 = data.image_size
+    image_channels: int = 32  # conv width after the stem, doubled at every downsampling
+    image_downsamples: int = 3  # stride-2 convs: 32 px -> 4x4 feature map
+    init_temperature: float = 0.07  # CLIP paper: learned temperature, initialised at 0.07
 
 
 @dataclass
@@ -120,6 +128,7 @@ class TrainConfig:
     sample_every: int = 0  # steps between picture grids in the log folder; 0 = off
     threads: int = 0  # torch.set_num_threads; 0 = leave torch's default
     progress_bar: bool = True
+    nan_policy: str = "stop"  # NaN/Inf loss: stop (error naming the step) | skip (drop the batch)
 
 
 @dataclass
@@ -167,7 +176,9 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
 
 def _build(cls: type, values: dict, prefix: str) -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(values).__name__}")
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(values).__name__}"
+        )
     allowed = {f.name: f for f in fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -213,6 +224,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML ({err})") from None
         except OSError as err:
             raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     for text in overrides or []:
@@ -234,6 +247,7 @@ def validate(cfg: Config) -> None:
         "vae.recon_loss": (cfg.vae.recon_loss, ("mse", "l1", "logit_laplace")),
         "dalle.attention": (cfg.dalle.attention, ("dense", "dalle")),
         "data.format": (cfg.data.format, ("auto", "folder", "manifest", "webdataset")),
+        "train.nan_policy": (cfg.train.nan_policy, ("stop", "skip")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -259,3 +273,10 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"{key} must be >= 1")
+    if cfg.vae.quantizer == "fsq":  # the FSQ levels must multiply to the codebook size
+        from .vae import resolve_fsq_levels  # noqa: PLC0415 (vae imports this module)
+
+        try:
+            resolve_fsq_levels(cfg.vae)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None

@@ -32,6 +32,10 @@ def _grid_coords(grid: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def image_mask(kind: str, grid: int, conv_kernel: int = 11) -> torch.Tensor:
     """(grid², grid²) boolean matrix: may image code ``q`` attend image code ``k``? Always causal."""
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1, got {grid}")
+    if kind == "conv" and (conv_kernel < 1 or conv_kernel % 2 != 1):
+        raise ValueError(f"conv_kernel must be a positive odd number, got {conv_kernel}")
     n = grid * grid
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     row, col = _grid_coords(grid)

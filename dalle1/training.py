@@ -14,17 +14,37 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from .checkpoint import export_model, load_vae
+from .codes import CodesDataset, CodesFile, encode_items
 from .config import Config
-from .data import CaptionedFolder, ensure_dataset, find_pairs, save_grid, split_pairs
+from .data import (
+    CaptionedFolder,
+    ShardDataset,
+    data_format,
+    ensure_dataset,
+    iter_items,
+    load_pairs,
+    save_grid,
+    split_pairs,
+)
+from .datacheck import count_truncated, current_problems, pick_caption, use_problem_log
+from .resilience import (
+    AtomicCheckpointIO,
+    DataReportCallback,
+    ResumeStateCallback,
+    check_loss,
+    remove_stale_temporaries,
+    resumable_loader,
+)
 from .text import TextTokenizer
 from .transformer import DALLE, StreamShape
 from .vae import DiscreteVAE, codebook_usage, psnr
@@ -57,6 +77,14 @@ class StageModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        """``train.nan_policy``: a NaN/Inf loss stops the run naming the step, or (``skip``)
+        gets no backward pass, so the optimizer step after it changes no weight."""
+        loop = self.trainer.fit_loop
+        where = f" (epoch {loop.epoch_progress.current.processed}, batch {loop.epoch_loop.batch_idx})"
+        if check_loss(loss, self.config.train.nan_policy, self.global_step, where):
+            super().backward(loss, *args, **kwargs)
+
 
 class VAEModule(StageModule):
     def __init__(self, config: Config):
@@ -70,6 +98,11 @@ class VAEModule(StageModule):
             {"loss": loss, "recon_loss": logs["recon_loss"], "aux_loss": logs["aux_loss"]},
             prog_bar=True,
         )
+        # quantizer scalars (gumbel: tau, beta, kl), training-batch PSNR and code use
+        extras = {k: logs[k] for k in ("tau", "beta", "kl") if k in logs}
+        extras["batch_psnr"] = psnr(logs["images"], images)
+        extras["batch_usage"] = codebook_usage(logs["codes"], self.vae.codebook_size)["usage"]
+        self.log_dict(extras)
         every = self.config.train.sample_every
         if every and self.global_step % every == 0 and self.trainer.is_global_zero:
             out = Path(self.config.train.out_dir) / "pictures" / f"recon_{self.global_step:07d}.png"
@@ -107,8 +140,7 @@ class EncodedCaptions(Dataset):
         return len(self.codes)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        options = self.captions[i] or [""]
-        return self.codes[i], options[int(torch.randint(len(options), ()))]
+        return self.codes[int(i)], pick_caption(self.captions[i], i)
 
 
 @torch.no_grad()
@@ -156,7 +188,14 @@ def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.
         gradient_clip_val=t.grad_clip or None,
         log_every_n_steps=t.log_every,
         logger=CSVLogger(out, name="logs", version=""),
-        callbacks=[ckpt, *(callbacks or [])],
+        callbacks=[
+            ckpt,
+            ResumeStateCallback(),
+            DataReportCallback(current_problems()),
+            *(callbacks or []),
+        ],
+        # atomic (temp + fsync + rename) saves, weights-only loads; sharded strategies keep theirs
+        plugins=[] if _sharded(t.strategy) else [AtomicCheckpointIO()],
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
         limit_val_batches=0,
@@ -164,8 +203,19 @@ def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.
     )
 
 
-def fit(config: Config, resume: bool = False) -> Path:
-    """Train the stage ``config.train.stage`` names; returns the exported model folder."""
+def _sharded(strategy) -> bool:
+    return isinstance(strategy, str) and any(k in strategy for k in ("fsdp", "deepspeed"))
+
+
+def fit(config: Config, resume: bool = False, callbacks: list | None = None) -> Path:
+    """Train the stage ``config.train.stage`` names; returns the exported model folder.
+
+    ``data.format`` (or what ``data.path`` looks like) picks the reader: a folder
+    or a manifest is listed and split once; WebDataset shards are streamed (the
+    VAE stage reads them directly, split across ranks; the transformer stage
+    encodes them once, or reads ``data.codes`` from ``dalle1 data encode``).
+    ``callbacks`` are extra Lightning callbacks for the trainer.
+    """
     t = config.train
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -173,14 +223,23 @@ def fit(config: Config, resume: bool = False) -> Path:
     out = Path(t.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config.save_json(out / "config.json")
-    ensure_dataset(config.data)
-    pairs = find_pairs(config.data.path)
-    train_pairs, val_pairs = split_pairs(pairs, config.data.val_fraction, config.data.seed)
+    remove_stale_temporaries(out / "checkpoints")  # half-written files of a killed run
+    # files skipped / converted: this run's record, appended to by DataLoader workers too
+    (out / "data_problems.jsonl").unlink(missing_ok=True)
+    use_problem_log(out / "data_problems.jsonl")
+    if data_format(config.data) == "folder":  # the built-in set is written as a folder
+        ensure_dataset(config.data)
+    train_pairs = val_pairs = None  # stay None for streamed shards and for pre-encoded codes
+    if data_format(config.data) != "webdataset" and not (t.stage == "dalle" and config.data.codes):
+        pairs = load_pairs(config.data)
+        train_pairs, val_pairs = split_pairs(pairs, config.data.val_fraction, config.data.seed)
     ckpt_path = _resume_path(out) if resume else None
     if t.stage == "vae":
-        return _fit_vae(config, out, train_pairs, val_pairs, ckpt_path)
+        return _fit_vae(config, out, train_pairs, val_pairs, ckpt_path, callbacks)
     if t.stage == "dalle":
-        return _fit_dalle(config, out, train_pairs, val_pairs, ckpt_path)
+        return _fit_dalle(config, out, train_pairs, val_pairs, ckpt_path, callbacks)
+    if train_pairs is None:
+        raise ValueError(f"train.stage {t.stage} reads a folder or a manifest, not shards")
     from .rerank import fit_clip  # noqa: PLC0415 (optional stage)
 
     return fit_clip(config, out, train_pairs, val_pairs, ckpt_path)
@@ -195,6 +254,9 @@ def _resume_path(out: Path) -> str:
 
 def _loader(dataset: Dataset, config: Config, collate=None, shuffle: bool = True) -> DataLoader:
     d = config.data
+    shuffle = shuffle and not isinstance(dataset, IterableDataset)  # streams shuffle themselves
+    if shuffle:  # order = f(seed, epoch, position): --resume continues with the very next batch
+        return resumable_loader(dataset, d.batch_size, config.train.seed, d.num_workers, collate)
     return DataLoader(
         dataset,
         batch_size=d.batch_size,
@@ -206,19 +268,45 @@ def _loader(dataset: Dataset, config: Config, collate=None, shuffle: bool = True
     )
 
 
-def _fit_vae(config: Config, out: Path, train_pairs, val_pairs, ckpt_path) -> Path:
+def _image_sets(config: Config, size: int, train_pairs, val_pairs) -> tuple[Dataset, Dataset]:
+    """Training images and held-out images: listed pairs, or two filters of the shard stream."""
+    if train_pairs is not None:
+        return CaptionedFolder(None, size, train_pairs), CaptionedFolder(
+            None, size, val_pairs or train_pairs[:256]
+        )
+    d = config.data
+    train = ShardDataset(
+        d.path,
+        size,
+        split="train",
+        val_fraction=d.val_fraction,
+        repeat=True,
+        shuffle_buffer=d.shuffle_buffer,
+        seed=d.seed,
+    )
+    val = ShardDataset(
+        d.path, size, split="val", val_fraction=d.val_fraction, split_by_rank=False, limit=1024
+    )
+    if d.val_fraction <= 0 or next(iter(val), None) is None:  # nothing held out: score train
+        val = ShardDataset(d.path, size, split="train", val_fraction=d.val_fraction, limit=256)
+        val.split_by_rank = False
+    return train, val
+
+
+def _fit_vae(config: Config, out: Path, train_pairs, val_pairs, ckpt_path, callbacks=None) -> Path:
     size = config.vae.image_size
     module = VAEModule(config)
-    trainer = make_trainer(config, out)
+    trainer = make_trainer(config, out, callbacks)
+    train_set, val_set = _image_sets(config, size, train_pairs, val_pairs)
     trainer.fit(
         module,
-        _loader(CaptionedFolder(None, size, train_pairs), config),
+        _loader(train_set, config),
         ckpt_path=ckpt_path,
         weights_only=True,
     )
     vae = module.vae.eval()
     if trainer.is_global_zero:
-        metrics = evaluate_vae(vae, CaptionedFolder(None, size, val_pairs or train_pairs[:256]))
+        metrics = evaluate_vae(vae, val_set)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print(json.dumps(metrics))
     return export_model(out / "model", config, vae) if trainer.is_global_zero else out / "model"
@@ -244,7 +332,43 @@ def evaluate_vae(
     }
 
 
-def _fit_dalle(config: Config, out: Path, train_pairs, val_pairs, ckpt_path) -> Path:
+def _dalle_codes(config: Config, vae: DiscreteVAE, train_pairs, val_pairs):
+    """(train dataset, train captions, held-out codes or None, held-out captions).
+
+    Codes come from ``data.codes`` when set (checked against ``dalle.vae``),
+    else from one pass of the frozen VAE over the data (paper section 2.2:
+    the transformer is trained on the dVAE's codes; the dVAE stays fixed).
+    """
+    d, size = config.data, vae.cfg.image_size
+    if d.codes:
+        store = CodesFile(d.codes)
+        store.check_vae(vae, config.dalle.vae)
+        train_rows, val_rows = split_pairs(list(range(len(store))), d.val_fraction, d.seed)
+        train_captions = [store.captions[i] for i in train_rows]
+        val_codes = store.tensor(val_rows) if val_rows else None
+        return (
+            CodesDataset(store, train_rows),
+            train_captions,
+            val_codes,
+            [store.captions[i] for i in val_rows],
+        )
+    codes, captions = encode_items(
+        vae,
+        iter_items(d, size, train_pairs, shard_split="train"),
+        progress=config.train.progress_bar,
+        total=None if train_pairs is None else len(train_pairs),
+    )
+    val_codes, val_captions = None, []
+    if val_pairs or (train_pairs is None and d.val_fraction > 0):
+        items = list(iter_items(d, size, val_pairs, shard_split="val"))
+        if items:
+            val_codes, val_captions = encode_items(vae, items, progress=False)
+    return EncodedCaptions(codes, captions), captions, val_codes, val_captions
+
+
+def _fit_dalle(
+    config: Config, out: Path, train_pairs, val_pairs, ckpt_path, callbacks=None
+) -> Path:
     if not config.dalle.vae:
         raise ValueError(
             "dalle.vae must name the model folder of a trained image tokenizer (train stage: vae first)"
@@ -254,15 +378,16 @@ def _fit_dalle(config: Config, out: Path, train_pairs, val_pairs, ckpt_path) -> 
         raise ValueError(
             f"data.image_size = {config.data.image_size} but the VAE in '{config.dalle.vae}' was trained at {vae.cfg.image_size}"
         )
-    train_set = CaptionedFolder(None, vae.cfg.image_size, train_pairs)
-    tokenizer = _tokenizer(config, out, train_set.all_captions())
-    codes = encode_dataset(vae, train_set, progress=config.train.progress_bar)
+    data, train_captions, val_codes, val_captions = _dalle_codes(
+        config, vae, train_pairs, val_pairs
+    )
+    tokenizer = _tokenizer(config, out, [c for lines in train_captions for c in lines])
+    report_truncated(tokenizer, [c for lines in train_captions for c in lines])
     shape = StreamShape(
         tokenizer.vocab_size, tokenizer.text_len, vae.codebook_size, vae.grid_size, tokenizer.bos_id
     )
     module = DALLEModule(config, shape, tokenizer.pad_row())
-    data = EncodedCaptions(codes, train_set.captions)
-    trainer = make_trainer(config, out)
+    trainer = make_trainer(config, out, callbacks)
     trainer.fit(
         module,
         _loader(data, config, text_collate(tokenizer, dropout=True)),
@@ -270,11 +395,8 @@ def _fit_dalle(config: Config, out: Path, train_pairs, val_pairs, ckpt_path) -> 
         weights_only=True,
     )
     dalle = module.dalle.eval()
-    if trainer.is_global_zero and val_pairs:
-        val = CaptionedFolder(None, vae.cfg.image_size, val_pairs)
-        metrics = evaluate_dalle(
-            dalle, tokenizer, encode_dataset(vae, val, progress=False), val.captions
-        )
+    if trainer.is_global_zero and val_codes is not None:
+        metrics = evaluate_dalle(dalle, tokenizer, val_codes, val_captions)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print(json.dumps(metrics))
     return (
@@ -282,6 +404,18 @@ def _fit_dalle(config: Config, out: Path, train_pairs, val_pairs, ckpt_path) -> 
         if trainer.is_global_zero
         else out / "model"
     )
+
+
+def report_truncated(tokenizer: TextTokenizer, captions: list[str]) -> int:
+    """Warn (once per run) how many captions the tokenizer cuts at ``text.text_len`` tokens."""
+    n = count_truncated(tokenizer, captions)
+    if n:
+        print(
+            f"dalle1: data: {n} of {len(captions)} caption lines are longer than "
+            f"text.text_len={tokenizer.text_len} tokens and are truncated",
+            file=sys.stderr,
+        )
+    return n
 
 
 def _tokenizer(config: Config, out: Path, captions: list[str]) -> TextTokenizer:
@@ -293,7 +427,9 @@ def _tokenizer(config: Config, out: Path, captions: list[str]) -> TextTokenizer:
     tokenizer = TextTokenizer.train(
         captions, tx.vocab_size, tx.text_len, tx.bpe_dropout, tx.lowercase
     )
-    tokenizer.save(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tokenizer.save(tmp)
+    tmp.replace(path)  # a run killed here never leaves half a tokenizer for --resume
     return tokenizer
 
 

@@ -22,12 +22,16 @@ come after it.
 
 Each layer is an x-transformers ``Decoder`` of depth one, so that every layer
 can be given its own DALL-E attention mask (row / column / conv, see
-:mod:`dalle1.masks`) as an additive bias, which x-transformers also honours
-when decoding with its key/value cache.
+:mod:`dalle1.masks`) as an additive bias. Training and full recompute run
+x-transformers' forward; decoding with the key/value cache (``prefill`` /
+``step``) runs the same layer arithmetic through :meth:`DALLE._decode_layer`,
+with preallocated key/value buffers and, under a sparse mask, only the keys
+the mask allows (the tests hold it to the x-transformers forward, ≤ 1e-4).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +40,7 @@ from torch import nn
 from x_transformers import Decoder
 
 from .config import DALLEConfig
-from .masks import layer_kinds, mask_to_bias, stream_mask
+from .masks import KINDS, layer_kinds, mask_to_bias, stream_mask
 
 
 @dataclass
@@ -56,16 +60,36 @@ class StreamShape:
 
 @dataclass
 class Cache:
-    """Per-layer x-transformers key/value caches plus the stream length they cover."""
+    """Key/value cache for decoding: per layer, preallocated ``(B, heads, capacity, dim_head)``.
 
-    layers: list
+    :meth:`DALLE.prefill` creates it, :meth:`DALLE.step` writes one position into it in place
+    and returns it with ``length`` (the stream positions covered) advanced. Because the
+    buffers are written in place, a cache is a single line of history: ``clone()`` it to
+    branch two continuations from one prefix.
+    """
+
+    keys: list  # per layer: Tensor (B, heads, capacity, dim_head), allocated on first write
+    values: list
     length: int
+    capacity: int
+
+    def clone(self) -> Cache:
+        copy = [None if t is None else t.clone() for t in self.keys]
+        return Cache(
+            copy,
+            [None if t is None else t.clone() for t in self.values],
+            self.length,
+            self.capacity,
+        )
 
 
 class DALLE(nn.Module):
-    def __init__(self, cfg: DALLEConfig, shape: StreamShape):
+    def __init__(self, cfg: DALLEConfig, shape: StreamShape, kinds: Sequence[str] | None = None):
+        """``kinds`` overrides the per-layer mask kinds that ``cfg.attention`` implies
+        (one of ``dense | row | column | conv`` per layer; tests and experiments)."""
         super().__init__()
         self.cfg, self.shape = cfg, shape
+        self._key_counts: dict[str, list[int]] = {}
         dim = cfg.dim
         self.text_emb = nn.Embedding(shape.text_vocab, dim)
         self.image_emb = nn.Embedding(shape.image_vocab, dim)
@@ -89,10 +113,19 @@ class DALLE(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.to_text_logits = nn.Linear(dim, shape.text_vocab)
         self.to_image_logits = nn.Linear(dim, shape.image_vocab)
-        self.kinds = layer_kinds(cfg.depth, cfg.attention)
+        self.kinds = list(kinds) if kinds is not None else layer_kinds(cfg.depth, cfg.attention)
+        if len(self.kinds) != cfg.depth or not set(self.kinds) <= set(KINDS):
+            raise ValueError(f"kinds must name one of {KINDS} per layer ({cfg.depth}): {kinds}")
         for kind in set(self.kinds) - {"dense"}:
-            bias = mask_to_bias(stream_mask(kind, shape.text_len, shape.grid, cfg.conv_kernel))
-            self.register_buffer(f"bias_{kind}", bias, persistent=False)
+            mask = stream_mask(kind, shape.text_len, shape.grid, cfg.conv_kernel)
+            self.register_buffer(f"bias_{kind}", mask_to_bias(mask), persistent=False)
+            self.register_buffer(f"mask_{kind}", mask, persistent=False)
+            # row p: the key positions query p may attend, ascending, then padding
+            keys = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)
+            self.register_buffer(
+                f"keys_{kind}", keys[:, : int(mask.sum(1).max())], persistent=False
+            )
+            self._key_counts[kind] = mask.sum(1).tolist()
 
     # --- the stream -------------------------------------------------------------------
 
@@ -116,19 +149,82 @@ class DALLE(nn.Module):
             return None  # plain causal attention: x-transformers' own causal mask
         return getattr(self, f"bias_{kind}")[start:stop, :stop][None, None]
 
-    def run_layers(self, x: torch.Tensor, cache: Cache | None = None) -> tuple[torch.Tensor, Cache]:
-        """Send stream positions [start, start + n) through the layers; start = cached length."""
-        start = cache.length if cache is not None else 0
-        stop = start + x.shape[1]
-        new_caches = []
-        for i, (layer, kind) in enumerate(zip(self.layers, self.kinds)):
-            layer_cache = cache.layers[i] if cache is not None else None
-            bias = self.attn_bias(kind, start, stop)
-            if bias is not None:
-                bias = bias.to(x.dtype)
-            x, inter = layer(x, attn_bias=bias, cache=layer_cache, return_hiddens=True)
-            new_caches.append(inter)
-        return self.norm(x), Cache(new_caches, stop)
+    def run_layers(
+        self, x: torch.Tensor, cache: Cache | None = None
+    ) -> tuple[torch.Tensor, Cache | None]:
+        """Send stream positions [start, start + n) through the layers; start = cached length.
+
+        Without a cache this is the x-transformers forward (training, full recompute). With
+        one, it is the decoding path of :meth:`_decode_layer`, which writes into the cache.
+        """
+        if cache is not None:
+            start, stop = cache.length, cache.length + x.shape[1]
+            if stop > cache.capacity:
+                raise ValueError(f"cache holds {cache.capacity} positions; asked for {stop}")
+            for i, kind in enumerate(self.kinds):
+                x = self._decode_layer(i, kind, x, cache, start)
+            return self.norm(x), Cache(cache.keys, cache.values, stop, cache.capacity)
+        for layer, kind in zip(self.layers, self.kinds):
+            bias = self.attn_bias(kind, 0, x.shape[1])
+            x = layer(x, attn_bias=None if bias is None else bias.to(x.dtype))
+        return self.norm(x), None
+
+    def _decode_layer(
+        self, i: int, kind: str, x: torch.Tensor, cache: Cache, start: int
+    ) -> torch.Tensor:
+        """One pre-norm layer for new positions [start, start + n), reading/writing the cache.
+
+        The same arithmetic as the x-transformers ``Decoder`` layer built in ``__init__``
+        (LayerNorm -> q, k, v -> softmax(q k^T / sqrt(d)) v -> out, residual; LayerNorm ->
+        feed-forward, residual), written out because its generic forward costs more Python
+        time per decoded token than the maths itself on a small model, and because it
+        concatenates the whole cache at every step. Two shortcuts, both exact:
+
+        * keys and values go into preallocated buffers (no concatenation);
+        * a single query under a sparse DALL-E mask (row / column / conv) attends only
+          the key positions its mask allows (about L + grid of them, not all L + N):
+          a masked key contributes exp(-inf) = 0 to the softmax, so dropping it changes
+          nothing but the work. tests/test_transformer.py checks this path against the
+          x-transformers forward.
+        """
+        attn_block, ff_block = self.layers[i].layers
+        norm, attn, ff_norm, ff = attn_block[0][0], attn_block[1], ff_block[0][0], ff_block[1]
+        b, n, _ = x.shape
+        stop = start + n
+        h = norm(x)
+        q, k, v = (
+            proj(h).view(b, n, attn.heads, -1).transpose(1, 2)
+            for proj in (attn.to_q, attn.to_k, attn.to_v)
+        )
+        if cache.keys[i] is None:  # first write: allocate with the dtype autocast gave k, v
+            cache.keys[i] = k.new_empty(b, attn.heads, cache.capacity, k.shape[-1])
+            cache.values[i] = v.new_empty(b, attn.heads, cache.capacity, v.shape[-1])
+        keys, values = cache.keys[i], cache.values[i]
+        keys[:, :, start:stop] = k
+        values[:, :, start:stop] = v
+        mask = None
+        if n == 1 and kind != "dense":
+            index = getattr(self, f"keys_{kind}")[start, : self._key_counts[kind][start]]
+            keys, values = keys.index_select(2, index), values.index_select(2, index)
+        else:
+            keys, values = keys[:, :, :stop], values[:, :, :stop]
+            if n > 1:
+                mask = self.attn_mask(kind, start, stop)
+        out = F.scaled_dot_product_attention(
+            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask
+        )
+        x = x + attn.to_out(out.transpose(1, 2).reshape(b, n, -1))
+        return x + ff(ff_norm(x))
+
+    def attn_mask(self, kind: str, start: int, stop: int) -> torch.Tensor:
+        """Boolean rows of the stream mask for queries start … stop-1 against keys 0 … stop-1."""
+        if kind == "dense":
+            device = self.norm.weight.device
+            return (
+                torch.arange(stop, device=device)
+                <= torch.arange(start, stop, device=device)[:, None]
+            )
+        return getattr(self, f"mask_{kind}")[start:stop, :stop]
 
     # --- training ---------------------------------------------------------------------
 
@@ -157,12 +253,24 @@ class DALLE(nn.Module):
 
     def prefill(self, text: torch.Tensor) -> tuple[torch.Tensor, Cache]:
         """Read the caption in one pass: -> (logits for the first code (B, Vi), cache)."""
-        h, cache = self.run_layers(self.embed_text(text))
+        capacity = self.shape.text_len + self.shape.num_codes  # the whole input stream
+        empty = Cache([None] * len(self.layers), [None] * len(self.layers), 0, capacity)
+        h, cache = self.run_layers(self.embed_text(text), empty)
         return self.to_image_logits(h[:, -1]), cache
 
     def step(self, code: torch.Tensor, index: int, cache: Cache) -> tuple[torch.Tensor, Cache]:
-        """Feed code number ``index`` (B,) -> (logits for code index + 1 (B, Vi), cache)."""
-        h, cache = self.run_layers(self.embed_codes(code[:, None], index), cache)
+        """Feed code number ``index`` (B,) -> (logits for code index + 1 (B, Vi), cache).
+
+        The cache is written in place (see :class:`Cache`).
+        """
+        grid = self.shape.grid
+        # same sum, in the same order, as embed_codes (image + row + column)
+        x = (
+            self.image_emb(code)
+            + self.row_pos.weight[index // grid]
+            + self.col_pos.weight[index % grid]
+        )
+        h, cache = self.run_layers(x[:, None], cache)
         return self.to_image_logits(h[:, -1]), cache
 
     def next_logits_uncached(self, text: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:

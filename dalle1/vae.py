@@ -8,8 +8,12 @@ models these codes exactly like text.
 Pieces, top to bottom:
 
 * :class:`Encoder` / :class:`Decoder` — conv stacks, one design for every quantizer;
-* quantizers (one module each, same interface): ``vq`` (vector-quantize-pytorch
-  ``VectorQuantize``, EMA codebook), plus the others registered in ``QUANTIZERS``;
+* quantizers (one module each, same interface), registered in ``QUANTIZERS``:
+  ``gumbel`` (the paper's gumbel-softmax relaxation, section 2.1 / appendix A.2),
+  ``vq`` (vector-quantize-pytorch ``VectorQuantize``, EMA codebook) and
+  ``fsq`` (vector-quantize-pytorch ``FSQ``, finite scalar quantization);
+* reconstruction losses: ``mse``, ``l1`` and the paper's logit-Laplace
+  likelihood (appendix A.3);
 * :class:`DiscreteVAE` — ``encode(images) -> codes (B, grid²)``,
   ``decode(codes) -> images``, and ``forward`` returning the training loss.
 
@@ -24,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
-from vector_quantize_pytorch import VectorQuantize
+from vector_quantize_pytorch import FSQ, VectorQuantize
 
 from .config import VAEConfig
 
@@ -124,9 +128,9 @@ class VQQuantizer(nn.Module):
 
     def forward(
         self, z: torch.Tensor, step: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
         quantized, indices, commit = self.vq(z)
-        return quantized, indices.flatten(1), commit.sum()
+        return quantized, indices.flatten(1), commit.sum(), {}
 
     @torch.no_grad()
     def indices(self, z: torch.Tensor) -> torch.Tensor:
@@ -139,7 +143,166 @@ class VQQuantizer(nn.Module):
         return rearrange(codes, "b (h w) d -> b d h w", h=grid)
 
 
-QUANTIZERS: dict[str, type[nn.Module]] = {"vq": VQQuantizer}
+# --- FSQ -------------------------------------------------------------------------------
+
+#: levels allowed per FSQ dimension when they are chosen automatically
+FSQ_LEVEL_CHOICES = (8, 7, 6, 5, 4, 3)
+
+
+def fsq_levels_for(codebook_size: int) -> list[int]:
+    """FSQ levels whose product is exactly ``codebook_size``.
+
+    Factors are taken from 3..8 (FSQ needs > 2 levels per dimension to be
+    useful); among the factorisations the one with the fewest dimensions wins,
+    then the most balanced one. ``256 -> [8, 8, 4]``, ``512 -> [8, 8, 8]``,
+    ``1000 -> [8, 5, 5, 5]``, ``8192 -> [8, 8, 8, 4, 4]``. Sizes with a prime
+    factor above 8 (e.g. 11, 257) have no such factorisation: a ValueError
+    names ``codebook_size`` and asks for explicit ``vae.fsq_levels``.
+    """
+    best: list[int] | None = None
+
+    def search(rest: int, largest: int, chosen: list[int]) -> None:
+        nonlocal best
+        if rest == 1:
+            key = (len(chosen), max(chosen) - min(chosen))
+            if best is None or key < (len(best), max(best) - min(best)):
+                best = list(chosen)
+            return
+        if best is not None and len(chosen) >= len(best):
+            return
+        for level in FSQ_LEVEL_CHOICES:
+            if level <= largest and rest % level == 0:
+                search(rest // level, level, [*chosen, level])
+
+    if codebook_size > 1:
+        search(codebook_size, max(FSQ_LEVEL_CHOICES), [])
+    if best is None:
+        raise ValueError(
+            f"vae.codebook_size={codebook_size} is not a product of FSQ levels between 3 and 8; "
+            "pick another codebook_size (e.g. 256, 512, 1000, 1024) or set vae.fsq_levels explicitly"
+        )
+    return best
+
+
+def resolve_fsq_levels(cfg: VAEConfig) -> list[int]:
+    """``cfg.fsq_levels`` (checked against ``codebook_size``) or the automatic choice."""
+    if not cfg.fsq_levels:
+        return fsq_levels_for(cfg.codebook_size)
+    if any(level < 2 for level in cfg.fsq_levels):
+        raise ValueError(f"vae.fsq_levels={cfg.fsq_levels}: every level must be >= 2")
+    product = math.prod(cfg.fsq_levels)
+    if product != cfg.codebook_size:
+        raise ValueError(
+            f"vae.fsq_levels={cfg.fsq_levels} imply {product} codes but vae.codebook_size={cfg.codebook_size}; "
+            "make them agree (or leave fsq_levels empty to choose levels automatically)"
+        )
+    return list(cfg.fsq_levels)
+
+
+class FSQQuantizer(nn.Module):
+    """Finite scalar quantization (Mentzer et al. 2023) via vector-quantize-pytorch ``FSQ``.
+
+    Not in the DALL-E paper: a modern alternative with no codebook to learn
+    (so nothing can go unused or drift) and no auxiliary loss. The encoder's
+    ``codebook_dim`` features are projected to ``len(levels)`` bounded scalars,
+    each rounded to one of its levels; a code is the tuple of levels, so the
+    implied codebook size is the product of the levels.
+    """
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.levels = resolve_fsq_levels(cfg)
+        self.in_dim = self.out_dim = cfg.codebook_dim
+        self.fsq = FSQ(levels=self.levels, dim=cfg.codebook_dim, channel_first=True)
+
+    def forward(
+        self, z: torch.Tensor, step: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+        quantized, indices = self.fsq(z)
+        return quantized, indices.flatten(1).long(), z.new_zeros(()), {}
+
+    @torch.no_grad()
+    def indices(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fsq(z)[1].flatten(1).long()
+
+    def embed(self, indices: torch.Tensor, grid: int) -> torch.Tensor:
+        return self.fsq.indices_to_codes(rearrange(indices, "b (h w) -> b h w", h=grid))
+
+
+# --- gumbel-softmax (the paper's relaxation) ---------------------------------------------
+
+
+def cosine_ramp(step: int, steps: int) -> float:
+    """0 at step 0 -> 1 at ``steps`` (and after), following half a cosine."""
+    if steps <= 0 or step >= steps:
+        return 1.0
+    return 0.5 * (1 - math.cos(math.pi * max(step, 0) / steps))
+
+
+def tau_at(step: int, cfg: VAEConfig) -> float:
+    """Gumbel-softmax temperature: cosine anneal ``gumbel_tau_start -> gumbel_tau_end``
+    over ``gumbel_tau_steps`` updates (paper appendix A.2: 1 -> 1/16 over 150k)."""
+    r = cosine_ramp(step, cfg.gumbel_tau_steps)
+    return cfg.gumbel_tau_start + (cfg.gumbel_tau_end - cfg.gumbel_tau_start) * r
+
+
+def beta_at(step: int, cfg: VAEConfig) -> float:
+    """KL weight: cosine ramp 0 -> ``gumbel_kl_weight`` over ``gumbel_kl_steps`` updates
+    (paper appendix A.2: 0 -> 6.6 over the first 5k)."""
+    return cfg.gumbel_kl_weight * cosine_ramp(step, cfg.gumbel_kl_steps)
+
+
+class GumbelQuantizer(nn.Module):
+    """DALL-E 1's relaxation of the discrete bottleneck (paper section 2.1, appendix A.2).
+
+    The encoder outputs logits over the ``codebook_size`` codes at every grid
+    cell. Training samples a relaxed one-hot with the gumbel-softmax at
+    temperature τ (``tau_at``) and feeds ``soft_one_hot @ codebook`` to the
+    decoder; the ELB's KL term to the uniform prior over codes is weighted by
+    β (``beta_at``). With ``gumbel_straight_through`` the forward pass uses the
+    hard one-hot and the gradient the soft one. At inference the code is the
+    argmax of the logits.
+
+    The KL is summed over grid cells and divided by the number of pixel values
+    per image (C·H·W), because the reconstruction losses are means over pixel
+    values: that keeps the paper's ratio between a per-image log-likelihood sum
+    and a per-image KL sum, so β = 6.6 means what it means in the paper.
+    """
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.in_dim = cfg.codebook_size
+        self.out_dim = cfg.codebook_dim
+        self.codebook = nn.Embedding(cfg.codebook_size, cfg.codebook_dim)
+        self.pixels_per_image = cfg.channels * cfg.image_size**2
+
+    def forward(
+        self, logits: torch.Tensor, step: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+        tau, beta = tau_at(step, self.cfg), beta_at(step, self.cfg)
+        one_hot = F.gumbel_softmax(logits, tau=tau, hard=self.cfg.gumbel_straight_through, dim=1)
+        quantized = torch.einsum("bkhw,kd->bdhw", one_hot, self.codebook.weight)
+        log_q = F.log_softmax(logits, dim=1)
+        # KL(q || uniform) = sum_k q_k (log q_k + log K), per grid cell
+        kl_cells = (log_q.exp() * (log_q + math.log(logits.shape[1]))).sum(1)
+        kl = kl_cells.flatten(1).sum(1).mean() / self.pixels_per_image
+        stats = {"tau": tau, "beta": beta, "kl": kl.item()}
+        return quantized, logits.argmax(1).flatten(1), beta * kl, stats
+
+    @torch.no_grad()
+    def indices(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.argmax(1).flatten(1)
+
+    def embed(self, indices: torch.Tensor, grid: int) -> torch.Tensor:
+        return rearrange(self.codebook(indices), "b (h w) d -> b d h w", h=grid)
+
+
+QUANTIZERS: dict[str, type[nn.Module]] = {
+    "vq": VQQuantizer,
+    "fsq": FSQQuantizer,
+    "gumbel": GumbelQuantizer,
+}
 
 
 # ---------------------------------------------------------------------------
@@ -152,16 +315,67 @@ def output_channels(cfg: VAEConfig) -> int:
     return cfg.channels * 2 if cfg.recon_loss == "logit_laplace" else cfg.channels
 
 
-def reconstruction_loss(out: torch.Tensor, images: torch.Tensor, kind: str) -> torch.Tensor:
+def map_pixels(images: torch.Tensor, eps: float) -> torch.Tensor:
+    """[0, 1] -> [eps, 1 - eps] (paper appendix A.3), so that logit(x) stays finite."""
+    return (1 - 2 * eps) * images + eps
+
+
+def unmap_pixels(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Inverse of :func:`map_pixels`, clamped to [0, 1]."""
+    return ((x - eps) / (1 - 2 * eps)).clamp(0, 1)
+
+
+#: lower bound on the logit-Laplace log-scale, so a confident decoder cannot divide by ~0
+LOG_SCALE_MIN = -7.0
+
+
+def logit_laplace_nll(out: torch.Tensor, images: torch.Tensor, eps: float = 0.1) -> torch.Tensor:
+    """Mean negative log-likelihood of ``images`` under the logit-Laplace distribution.
+
+    Paper appendix A.3: pixels are squashed to x = (1-2ε)·pixel + ε; the decoder
+    predicts, per colour channel, a location μ (``out[:, :C]``) and a log-scale
+    ln b (``out[:, C:]``) in logit space. The density on (0, 1) is
+
+        f(x | μ, b) = exp(-|logit(x) - μ| / b) / (2b · x(1 - x))
+
+    so the NLL per value is ``ln(2b) + ln(x(1-x)) + |logit(x) - μ| / b``,
+    averaged over all values. The ``ln(x(1-x))`` term does not depend on the
+    model but makes this a proper density (it is the change of variables from
+    a Laplace in logit space).
+    """
+    c = images.shape[1]
+    if out.shape[1] != 2 * c:
+        raise ValueError(
+            f"logit-Laplace needs {2 * c} decoder channels (location and log-scale), got {out.shape[1]}"
+        )
+    mu, log_b = out[:, :c], out[:, c:].clamp(min=LOG_SCALE_MIN)
+    x = map_pixels(images, eps)
+    logit_x = torch.log(x) - torch.log1p(-x)
+    nll = math.log(2) + log_b + torch.log(x * (1 - x)) + (logit_x - mu).abs() * torch.exp(-log_b)
+    return nll.mean()
+
+
+def reconstruction_loss(
+    out: torch.Tensor, images: torch.Tensor, kind: str, eps: float = 0.1
+) -> torch.Tensor:
+    """``mse`` / ``l1`` on pixels, or the paper's ``logit_laplace`` negative log-likelihood."""
     if kind == "mse":
         return F.mse_loss(out, images)
     if kind == "l1":
         return F.l1_loss(out, images)
+    if kind == "logit_laplace":
+        return logit_laplace_nll(out, images, eps)
     raise ValueError(f"unknown reconstruction loss '{kind}'")
 
 
 def output_to_image(out: torch.Tensor, cfg: VAEConfig) -> torch.Tensor:
-    """Decoder output -> image in [0, 1]."""
+    """Decoder output -> image in [0, 1].
+
+    For ``logit_laplace`` the image is sigmoid(μ) mapped back from [ε, 1-ε]
+    (the distribution's median), as in OpenAI's released dVAE.
+    """
+    if cfg.recon_loss == "logit_laplace":
+        return unmap_pixels(torch.sigmoid(out[:, : cfg.channels]), cfg.logit_laplace_eps)
     return out[:, : cfg.channels].clamp(0, 1)
 
 
@@ -207,15 +421,24 @@ class DiscreteVAE(nn.Module):
     def forward(
         self, images: torch.Tensor, step: int = 0
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Training pass: returns (loss, logs) with logs holding recon, aux, codes and the reconstruction."""
-        quantized, indices, aux = self.quantizer(self.encoder(images * 2 - 1), step)
+        """Training pass: returns (loss, logs).
+
+        ``logs`` holds ``recon_loss``, ``aux_loss`` (commitment for vq, β·KL for
+        gumbel, 0 for fsq), ``codes``, the reconstruction ``images`` and the
+        quantizer's own scalars (gumbel: ``tau``, ``beta``, ``kl``). ``step``
+        drives the gumbel τ / β schedules.
+        """
+        quantized, indices, aux, stats = self.quantizer(self.encoder(images * 2 - 1), step)
         out = self.decoder(quantized)
-        recon = reconstruction_loss(out, images, self.cfg.recon_loss)
+        recon = reconstruction_loss(
+            out, images, self.cfg.recon_loss, eps=self.cfg.logit_laplace_eps
+        )
         logs = {
             "recon_loss": recon.detach(),
             "aux_loss": aux.detach(),
             "codes": indices.detach(),
             "images": output_to_image(out.detach(), self.cfg),
+            **{k: torch.tensor(float(v)) for k, v in stats.items()},
         }
         return recon + aux, logs
 

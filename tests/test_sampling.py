@@ -1,31 +1,41 @@
+"""The sampler: cache exactness, filters over the image vocabulary, seeds, batches, autocast."""
+
 import pytest
 import torch
 
 from dalle1.config import DALLEConfig
-from dalle1.sampling import filter_logits, sample_codes
-from dalle1.transformer import DALLE, StreamShape
+from dalle1.sampling import filter_logits, pick, sample_codes
+from dalle1.transformer import DALLE, Cache, StreamShape
 
-SHAPE = StreamShape(text_vocab=40, text_len=5, image_vocab=24, grid=3, bos_id=1)
+SHAPE = StreamShape(text_vocab=40, text_len=5, image_vocab=24, grid=4, bos_id=1)
+NULL = torch.arange(35, 40)  # per-position pads: the empty caption
+
+
+def make(attention: str) -> DALLE:
+    torch.manual_seed(0)
+    cfg = DALLEConfig(dim=32, depth=3, heads=2, dim_head=16, attention=attention, conv_kernel=3)
+    return DALLE(cfg, SHAPE).eval()
 
 
 @pytest.fixture(params=["dense", "dalle"])
 def m(request):
-    torch.manual_seed(0)
-    return DALLE(
-        DALLEConfig(dim=32, depth=3, heads=2, dim_head=16, attention=request.param, conv_kernel=3),
-        SHAPE,
-    ).eval()
+    return make(request.param)
 
 
-def text(b=3):
-    return torch.randint(2, 35, (b, 5), generator=torch.Generator().manual_seed(2))
+def text(b=3, seed=2):
+    return torch.randint(2, 35, (b, 5), generator=torch.Generator().manual_seed(seed))
+
+
+def gens(seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
 
 
 def test_greedy_cached_equals_uncached(m):
     t = text()
     cached = sample_codes(m, t, temperature=0)
     uncached = sample_codes(m, t, temperature=0, use_cache=False)
-    assert cached.shape == (3, 9) and torch.equal(cached, uncached)
+    assert cached.shape == (3, 16) and cached.dtype == torch.long
+    assert torch.equal(cached, uncached)
 
 
 def test_seeded_sampling_is_reproducible_and_cache_independent(m):
@@ -35,21 +45,133 @@ def test_seeded_sampling_is_reproducible_and_cache_independent(m):
     c = sample_codes(m, t, generators=torch.Generator().manual_seed(5), use_cache=False)
     assert torch.equal(a, b) and torch.equal(a, c)
     assert a.min() >= 0 and a.max() < 24
+    d = sample_codes(m, t, generators=torch.Generator().manual_seed(6))
+    assert not torch.equal(a, d)
 
 
-def test_filters_act_on_image_logits_only():
+def test_each_prompt_samples_the_same_alone_or_in_a_batch(m):
+    t = text(3)
+    together = sample_codes(m, t, top_k=10, generators=gens([7, 8, 9]))
+    for i, seed in enumerate([7, 8, 9]):
+        alone = sample_codes(m, t[i : i + 1], top_k=10, generators=gens([seed]))
+        assert torch.equal(together[i : i + 1], alone)
+    assert not torch.equal(together[0], together[1])  # different prompts, different samples
+
+
+def test_filters_on_a_small_case():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
     assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, True]]
     # probabilities ~ .09 .67 .24 .03: top_p 0.7 keeps the two tokens that reach 0.7
     assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[True, False, False, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, True, True]]
+    assert torch.equal(filter_logits(logits, top_k=10, top_p=1.0), logits)  # no-ops
 
 
-def test_keep_mask_forces_codes(m):
-    t = text(2)
-    init = torch.randint(0, 24, (2, 9))
-    keep = torch.zeros(2, 9, dtype=torch.bool)
-    keep[:, :4] = True
-    out = sample_codes(
-        m, t, init_codes=init, keep=keep, generators=torch.Generator().manual_seed(0)
+@pytest.mark.parametrize("top_k,top_p", [(5, None), (None, 0.6), (8, 0.5)])
+def test_filtered_draws_never_leave_their_set_and_follow_the_renormalised_law(top_k, top_p):
+    torch.manual_seed(0)
+    logits = torch.randn(1, 64) * 2
+    probs = logits.softmax(-1)[0]
+    order = probs.argsort(descending=True)
+    allowed = set(order[:64].tolist())
+    if top_k is not None:
+        allowed = set(order[:top_k].tolist())
+    if top_p is not None:
+        kept = probs[sorted(allowed)].sort(descending=True)
+        renorm = kept.values / kept.values.sum()
+        n = int((renorm.cumsum(0) - renorm < top_p).sum())  # smallest prefix reaching top_p
+        allowed = set(torch.tensor(sorted(allowed))[kept.indices[:n]].tolist())
+    draws = pick(
+        filter_logits(logits.expand(40_000, -1), top_k, top_p),
+        1.0,
+        torch.Generator().manual_seed(1),
     )
-    assert torch.equal(out[:, :4], init[:, :4])
+    assert set(draws.unique().tolist()) == allowed  # every allowed code is drawn, nothing else
+    target = torch.zeros(64)
+    target[sorted(allowed)] = probs[sorted(allowed)] / probs[sorted(allowed)].sum()
+    freq = torch.bincount(draws, minlength=64).float() / len(draws)
+    assert (freq - target).abs().max() < 0.015
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy(m):
+    t = text()
+    greedy = sample_codes(m, t, temperature=0)
+    assert torch.equal(sample_codes(m, t, top_k=1, generators=gens([1, 2, 3])), greedy)
+    assert torch.equal(sample_codes(m, t, top_p=1e-6, generators=gens([1, 2, 3])), greedy)
+
+
+def test_temperature_sharpens(m):
+    t = text(1).expand(64, -1)
+    cold = sample_codes(m, t, temperature=0.05, generators=torch.Generator().manual_seed(0))
+    hot = sample_codes(m, t, temperature=5.0, generators=torch.Generator().manual_seed(0))
+    greedy = sample_codes(m, t[:1], temperature=0)
+    # the first code: same logits for all 64 rows (later codes follow diverging prefixes)
+    assert (cold[:, 0] == greedy[0, 0]).float().mean() > 0.9
+    assert (hot[:, 0] == greedy[0, 0]).float().mean() < 0.5
+
+
+def test_keep_mask_forces_codes_and_inputs_stay_unchanged(m):
+    t = text(2)
+    init = torch.randint(0, 24, (2, 16))
+    keep = torch.zeros(2, 16, dtype=torch.bool)
+    keep[:, :4] = True
+    keep[1, 9] = True
+    before = (t.clone(), init.clone(), keep.clone())
+    out = sample_codes(m, t, init_codes=init, keep=keep, generators=gens([0, 1]))
+    assert torch.equal(out[keep], init[keep])
+    for a, b in zip(before, (t, init, keep)):
+        assert torch.equal(a, b)
+
+
+def test_returned_codes_are_an_ordinary_tensor(m):
+    out = sample_codes(m, text(1), temperature=0)
+    out[0, 0] = 3  # would raise for an inference-mode tensor
+    assert not out.is_inference()
+
+
+def test_bf16_autocast_runs_and_mostly_agrees_with_float32():
+    model = make("dalle")
+    t = text(4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, cache = model.prefill(t)
+    assert cache.keys[0].dtype == torch.bfloat16  # autocast reached the attention
+    fp32 = sample_codes(model, t, temperature=0)
+    bf16 = sample_codes(model, t, temperature=0, autocast=True)
+    assert bf16.dtype == torch.long and bf16.shape == fp32.shape
+    assert bf16.min() >= 0 and bf16.max() < 24
+    assert (bf16[:, :3] == fp32[:, :3]).float().mean() >= 0.75  # early codes: small drift only
+
+
+def test_mistakes_raise_one_line_errors(m):
+    t = text(2)
+    with pytest.raises(ValueError, match="text must be"):
+        sample_codes(m, t[:, :3])
+    with pytest.raises(ValueError, match="temperature"):
+        sample_codes(m, t, temperature=-1)
+    with pytest.raises(ValueError, match="top_k"):
+        sample_codes(m, t, top_k=0)
+    with pytest.raises(ValueError, match="top_p"):
+        sample_codes(m, t, top_p=1.5)
+    with pytest.raises(ValueError, match="generators"):
+        sample_codes(m, t, generators=gens([1]))
+    with pytest.raises(ValueError, match="init_codes"):
+        sample_codes(m, t, keep=torch.ones(2, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="null_text"):
+        sample_codes(m, t, cond_scale=3.0)
+
+
+def test_a_cloned_cache_branches_without_touching_the_original():
+    model = make("dalle")
+    t, codes = text(2), torch.randint(0, 24, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, cache = model.prefill(t)
+        for i in range(5):
+            _, cache = model.step(codes[:, i], i, cache)
+        branch = cache.clone()
+        other, _ = model.step((codes[:, 5] + 1) % 24, 5, branch)  # a different 6th code
+        logits, _ = model.step(codes[:, 5], 5, cache)
+        _, full = model(t, codes)
+    assert (logits - full[:, 6]).abs().max() <= 1e-4
+    assert not torch.allclose(other, logits)
+    with pytest.raises(ValueError, match="cache holds"):
+        model.step(codes[:, 0], 15, Cache([None] * 3, [None] * 3, length=21, capacity=21))

@@ -1,0 +1,303 @@
+"""A local web page for a model folder: ``dalle1 ui --model FOLDER`` (needs ``pip install dalle1[ui]``).
+
+Two tabs:
+
+* **Generate** — a prompt gives a grid of images with their scores. Sliders set
+  the sampling temperature, top-k / top-p filtering over the image vocabulary,
+  the classifier-free guidance scale and the number of candidates: ``candidates``
+  images are sampled and the best ``num_images`` are shown (DALL-E 1, section
+  2.6, samples many and reranks them with CLIP; without a reranker the score is
+  the transformer's own mean log-likelihood per image code). The seed box makes
+  every grid reproducible: image ``i`` uses seed ``seed + i``.
+* **Edit** — upload an image (or pick one of the data set), type a box or paint
+  over the region to repaint, and get regenerated candidates. Codes whose cell
+  touches the region are resampled, every other code is kept, and the
+  candidates are ranked (see :mod:`dalle1.editing`, paper section 3.3 and appendix G).
+
+The page runs on 127.0.0.1 with gradio's analytics off and a theme that uses
+the system's fonts only, so neither the server nor the browser reaches out to
+the network.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageChops
+
+from .data import find_pairs
+from .pipeline import DALLEPipeline
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+LOCAL_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
+LOCAL_MONO = ["ui-monospace", "monospace"]
+
+
+def _filters(top_k: float | int | None, top_p: float | None) -> tuple[int | None, float | None]:
+    """Slider values -> sampler arguments: top-k 0 and top-p 0 or 1 mean "off"."""
+    k = int(top_k) if top_k else None
+    p = float(top_p) if top_p and 0 < float(top_p) < 1 else None
+    return k, p
+
+
+def _score_name(pipe: DALLEPipeline) -> str:
+    return "CLIP score" if getattr(pipe, "clip", None) is not None else "log p/code"
+
+
+def _captioned(pipe: DALLEPipeline, out: Any, count: int) -> list[tuple[Image.Image, str]]:
+    """The first ``count`` images of a best-first output, each captioned with score and seed."""
+    name = _score_name(pipe)
+    scores = out.scores or [float("nan")] * len(out.images)
+    return [
+        (image, f"{name} {score:.3f} · seed {seed}")
+        for image, score, seed in list(zip(out.images, scores, out.seeds))[:count]
+    ]
+
+
+def generate(
+    pipe: DALLEPipeline,
+    prompt: str,
+    num_images: int = 4,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cond_scale: float = 1.0,
+    candidates: int | None = None,
+) -> list[tuple[Image.Image, str]]:
+    """Sample ``max(candidates, num_images)`` images; return the best ``num_images``, captioned.
+
+    Ranking is the pipeline's (``rerank=True, keep=num_images``): the CLIP-style
+    scorer when the model folder has one, else the transformer's mean
+    log-likelihood of the codes (paper section 2.6 reranks with CLIP).
+    """
+    if not prompt or not prompt.strip():
+        raise ValueError("type a prompt first")
+    num_images = int(num_images)
+    pool = max(int(candidates or num_images), num_images)
+    k, p = _filters(top_k, top_p)
+    out = pipe(
+        prompt,
+        num_images=pool,
+        seed=int(seed),
+        temperature=float(temperature),
+        top_k=k,
+        top_p=p,
+        cond_scale=float(cond_scale),
+        rerank=True,
+        keep=num_images,
+    )
+    return _captioned(pipe, out, num_images)
+
+
+# --- editing ------------------------------------------------------------------------------
+
+
+def parse_box(box: str | tuple | list) -> tuple[float, float, float, float]:
+    """'x0,y0,x1,y1' (pixels of the uploaded image, x1/y1 exclusive) -> four floats."""
+    if isinstance(box, str):
+        try:
+            values = tuple(float(v) for v in box.replace(" ", "").split(",") if v)
+        except ValueError:
+            values = ()
+    else:
+        values = tuple(float(v) for v in box)
+    if len(values) != 4:
+        raise ValueError(f"box must be four numbers x0,y0,x1,y1, got {box!r}")
+    return values  # type: ignore[return-value]
+
+
+def editor_parts(value: Any) -> tuple[Image.Image | None, Image.Image | None]:
+    """A gradio ImageEditor value -> (background image, painted mask or None).
+
+    Every painted pixel (alpha > 0 in any layer) becomes white in the mask, i.e.
+    is repainted.
+    """
+    if value is None:
+        return None, None
+    if isinstance(value, Image.Image):
+        return value.convert("RGB"), None
+    background = value.get("background")
+    if background is None:
+        return None, None
+    mask = None
+    for layer in value.get("layers") or []:
+        if layer is None:
+            continue
+        alpha = layer.convert("RGBA").getchannel("A")
+        if alpha.getbbox() is not None:
+            mask = alpha if mask is None else ImageChops.lighter(mask, alpha)
+    if mask is not None:
+        mask = mask.point(lambda v: 255 if v else 0).resize(background.size)
+    return background.convert("RGB"), mask
+
+
+def edit(
+    pipe: DALLEPipeline,
+    image: Image.Image,
+    prompt: str,
+    box: str | tuple | None = None,
+    mask: Image.Image | None = None,
+    num_images: int = 4,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    cond_scale: float = 1.0,
+    candidates: int | None = None,
+) -> list[tuple[Image.Image, str]]:
+    """Regenerate a region of ``image`` (``dalle1.editing`` through the pipeline).
+
+    A painted ``mask`` (white = repaint) wins over a typed ``box``; candidates are
+    ranked best first by the editing code and the best ``num_images`` returned.
+    """
+    if image is None:
+        raise ValueError("upload or pick an image first")
+    if not prompt or not prompt.strip():
+        raise ValueError("type a prompt describing the edited image")
+    if mask is None and not box:
+        raise ValueError("type a box x0,y0,x1,y1 or paint over the region to regenerate")
+    num_images = int(num_images)
+    pool = max(int(candidates or num_images), num_images)
+    k, p = _filters(top_k, top_p)
+    out = pipe(
+        prompt,
+        image=image,
+        box=None if mask is not None else parse_box(box),
+        mask_image=mask,
+        candidates=pool,
+        seed=int(seed),
+        temperature=float(temperature),
+        top_k=k,
+        top_p=p,
+        cond_scale=float(cond_scale),
+    )
+    return _captioned(pipe, out, num_images)
+
+
+# --- the page -----------------------------------------------------------------------------
+
+
+def example_images(pipe: DALLEPipeline, count: int = 8) -> list[str]:
+    """The first images of the model's data folder, to pick from in the editing tab."""
+    try:
+        return [str(p) for p, _ in find_pairs(pipe.config.data.path)[:count]]
+    except FileNotFoundError:
+        return []
+
+
+def build_app(model: str | Path | DALLEPipeline, device: str = "cpu"):
+    """The gradio Blocks app for a model folder (or a loaded pipeline)."""
+    try:
+        import gradio as gr
+    except ImportError:  # pragma: no cover - depends on the optional extra
+        raise ValueError("the web UI needs gradio: pip install 'dalle1[ui]'") from None
+    name = "a loaded pipeline" if isinstance(model, DALLEPipeline) else str(model)
+    pipe = (
+        model if isinstance(model, DALLEPipeline) else DALLEPipeline.from_pretrained(model, device)
+    )
+    size = pipe.vae.cfg.image_size
+
+    def wrap(fn):
+        def run(*args):
+            try:
+                return fn(*args)
+            except ValueError as err:
+                raise gr.Error(str(err)) from None
+
+        return run
+
+    def sampling_controls(tab: str):
+        with gr.Row():
+            num = gr.Slider(1, 16, value=4, step=1, label="images", elem_id=f"{tab}-num")
+            cands = gr.Slider(
+                1, 64, value=4, step=1, label="candidates (best shown)", elem_id=f"{tab}-candidates"
+            )
+            seed = gr.Number(value=0, precision=0, label="seed", elem_id=f"{tab}-seed")
+        with gr.Row():
+            temp = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="temperature (0 = greedy)")
+            top_k = gr.Slider(
+                0, pipe.dalle.shape.image_vocab, value=0, step=1, label="top-k (0 = off)"
+            )
+            top_p = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="top-p (1 = off)")
+            guide = gr.Slider(1.0, 10.0, value=1.0, step=0.5, label="guidance scale (1 = off)")
+        return [num, seed, temp, top_k, top_p, guide, cands]
+
+    with gr.Blocks(title="dalle1") as app:
+        gr.Markdown(
+            f"## dalle1 — DALL-E 1 on `{name}`\n"
+            f"{size}×{size} images, {pipe.vae.grid_size}×{pipe.vae.grid_size} codes, "
+            f"{pipe.dalle.shape.image_vocab} image tokens."
+        )
+        with gr.Tab("Generate"):
+            prompt = gr.Textbox(
+                label="prompt", placeholder="a red circle at the top left", elem_id="prompt"
+            )
+            controls = sampling_controls("gen")
+            go = gr.Button("Generate", variant="primary", elem_id="generate")
+            gallery = gr.Gallery(label="images", columns=4, elem_id="results", format="png")
+
+            def on_generate(prompt, num, seed, temp, k, p, guide, cands):
+                return generate(pipe, prompt, num, seed, temp, k, p, guide, cands)
+
+            go.click(wrap(on_generate), [prompt, *controls], gallery)
+            prompt.submit(wrap(on_generate), [prompt, *controls], gallery)
+        with gr.Tab("Edit"):
+            gr.Markdown(
+                "Upload an image (or pick one below), then **paint** over the part to regenerate, "
+                "or type a **box** `x0,y0,x1,y1` in pixels of the image (x1, y1 exclusive)."
+            )
+            editor = gr.ImageEditor(label="image", type="pil", elem_id="editor")
+            examples = example_images(pipe)
+            if examples:
+                gr.Examples(
+                    examples=[[e] for e in examples], inputs=[editor], label="pick an image"
+                )
+            with gr.Row():
+                edit_prompt = gr.Textbox(label="prompt", elem_id="edit-prompt")
+                box = gr.Textbox(
+                    label="box x0,y0,x1,y1", value=f"0,{size // 2},{size},{size}", elem_id="box"
+                )
+            edit_controls = sampling_controls("edit")
+            edit_go = gr.Button("Regenerate", variant="primary", elem_id="regenerate")
+            edited = gr.Gallery(label="candidates", columns=4, elem_id="edited", format="png")
+
+            def on_edit(value, prompt, box, num, seed, temp, k, p, guide, cands):
+                image, mask = editor_parts(value)
+                return edit(pipe, image, prompt, box, mask, num, seed, temp, k, p, guide, cands)
+
+            edit_go.click(wrap(on_edit), [editor, edit_prompt, box, *edit_controls], edited)
+    return app
+
+
+def local_theme():
+    """gradio's default theme with system fonts only (the stock one loads web fonts)."""
+    import gradio as gr
+
+    return gr.themes.Default(font=LOCAL_FONTS, font_mono=LOCAL_MONO)
+
+
+def launch(
+    model: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    device: str = "cpu",
+    block: bool = True,
+):
+    """Build the app and serve it locally (never shared through gradio's tunnel)."""
+    app = build_app(model, device)
+    app.queue()
+    app.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        inbrowser=False,
+        prevent_thread_lock=not block,
+        theme=local_theme(),
+        footer_links=[],
+        quiet=not block,
+    )
+    return app
