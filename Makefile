@@ -16,6 +16,12 @@ $(STAMP): pyproject.toml setup.cfg
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The tests also exercise the optional web UI (gradio) in a headless browser.
+UI_STAMP := $(VENV)/.installed-ui
+$(UI_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,ui]"
+	touch $(UI_STAMP)
+
 install: $(STAMP)
 
 DEMO_PROMPTS := --prompt "a red circle" --prompt "a blue square" --prompt "a green triangle" \
@@ -29,7 +35,7 @@ demo: $(STAMP)
 	$(PY) sample.py --model outputs/demo/dalle/model $(DEMO_PROMPTS) \
 		--num-images 8 --seed 0 --top-k 32 --cond-scale 2 --out outputs/demo
 
-test: $(STAMP)
+test: $(UI_STAMP)
 	$(PY) -m pytest tests
 
 lint: $(STAMP)

@@ -80,9 +80,11 @@ def parse_caption(caption: str) -> dict[str, str]:
     return out
 
 
-def matches(image: torch.Tensor, caption: str) -> bool:
+def matches(image: torch.Tensor, caption: str, keys: tuple[str, ...] | None = None) -> bool:
+    """Does the image show what the caption states (only ``keys`` of it, if given)?"""
     scene = read_scene(image)
-    return scene is not None and all(scene[k] == v for k, v in parse_caption(caption).items())
+    want = {k: v for k, v in parse_caption(caption).items() if keys is None or k in keys}
+    return scene is not None and all(scene[k] == v for k, v in want.items())
 
 
 def main() -> None:
@@ -137,7 +139,7 @@ def main() -> None:
     prompts = list(dict.fromkeys(pool))[: args.prompts]
     prompt_emb = clip.encode_text(tok.encode(prompts))
     n, k = args.num_images, args.keep
-    scores, oracle, scorer_match = [], [], []
+    scores, oracle, oracle_color, scorer_match = [], [], [], []
     t0, cpu0 = time.time(), time.process_time()
     for j, prompt in enumerate(prompts):
         res = pipe(prompt, num_images=n, seed=1000 * j)
@@ -145,8 +147,10 @@ def main() -> None:
         emb = clip.encode_image(ims)
         scores.append((emb @ prompt_emb[j]).cpu())
         oracle.append(torch.tensor([matches(im, prompt) for im in ims]))
+        oracle_color.append(torch.tensor([matches(im, prompt, ("color",)) for im in ims]))
         scorer_match.append((emb @ prompt_emb.t()).argmax(-1).cpu() == j)
     s, o, m = torch.cat(scores), torch.cat(oracle).float(), torch.cat(scorer_match).float()
+    oc = torch.cat(oracle_color).float()
     top = rank(s, n, k)
     out.update(
         {
@@ -157,6 +161,8 @@ def main() -> None:
             "score_mean_reranked": s[top].mean().item(),
             "oracle_match_all": o.mean().item(),
             "oracle_match_reranked": o[top].mean().item(),
+            "oracle_color_match_all": oc.mean().item(),
+            "oracle_color_match_reranked": oc[top].mean().item(),
             "scorer_caption_match_all": m.mean().item(),
             "scorer_caption_match_reranked": m[top].mean().item(),
             "sampling_seconds": time.time() - t0,

@@ -1,6 +1,6 @@
 """Editing existing images: repaint a region, complete from the top rows, make variations.
 
-DALL-E 1 (paper section 2.3 / the blog's "image completion" demos) edits an
+DALL-E 1 (paper section 3.3 and appendix G / the blog's "image completion" demos) edits an
 image by encoding it with the discrete VAE, keeping some of its codes and
 sampling the others in raster order with the transformer. The paper primes
 with the top 15 of 32 rows, and the blog regenerates rectangles that extend to
@@ -54,7 +54,7 @@ ImageInput = Image.Image | str | Path
 MaskInput = Image.Image | str | Path | np.ndarray | torch.Tensor
 Box = tuple[float, float, float, float]
 
-# paper section 2.3 / figure 4: "the top 15 of 32 rows" of the code grid prime completion
+# paper section 3.3 / figure 4: "the top 15 of 32 rows" of the code grid prime completion
 PAPER_PRIME_ROWS = Fraction(15, 32)
 
 
@@ -172,7 +172,7 @@ def completion_cells(grid: int, rows: int | None = None, start: int | None = Non
     """Repaint everything from raster position ``start`` (or from row ``rows``) onward.
 
     ``rows=None`` and ``start=None`` primes with the paper's share of the rows:
-    15 of 32 (section 2.3), i.e. ``grid * 15 // 32`` rows.
+    15 of 32 (section 3.3), i.e. ``grid * 15 // 32`` rows.
     """
     n = grid * grid
     if rows is not None and start is not None:
@@ -275,7 +275,7 @@ def sample_edits(
     region sees the caption and every code *before* it, but not the kept codes
     that come *after* it (to the right of the region on its rows and
     everything below). For a region that extends to the bottom-right corner
-    (the paper's case, section 2.3, and completion from the top rows) nothing
+    (the paper's case, section 3.3, and completion from the top rows) nothing
     kept comes after, the sampling is exact and all scores are 0. For any other
     region a candidate may not fit what follows it, e.g. a shape cut off at the
     region's lower edge.
@@ -501,7 +501,7 @@ def complete_image(
 ) -> EditOutput:
     """Keep the top ``rows`` rows of codes (or codes before raster ``start``) and sample the rest.
 
-    Default: the paper's 15 of 32 rows (section 2.3), scaled to the grid. Other
+    Default: the paper's 15 of 32 rows (section 3.3), scaled to the grid. Other
     keyword arguments are those of :func:`edit_image`.
     """
     repaint = completion_cells(pipe.vae.grid_size, rows=rows, start=start)

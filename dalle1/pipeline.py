@@ -103,7 +103,7 @@ class DALLEPipeline:
     ) -> DALLEOutput:
         """Sample ``num_images`` images per prompt. Image i of the call uses seed ``seed + i``.
 
-        Reranking (paper section 2.3 reranks samples with CLIP): ``rerank=True`` orders each
+        Reranking (paper section 2.6 reranks samples with CLIP): ``rerank=True`` orders each
         prompt's images best first by the clip scorer (cosine of image and caption) or,
         without clip/ in the folder, by the transformer's mean log-likelihood of the codes
         given the caption, and sets ``scores``; ``keep=K`` then returns only the best K of

@@ -1,6 +1,6 @@
 """A small CLIP-style scorer, candidate ranking, zero-shot labels, evaluation and dataset synthesis.
 
-DALL-E 1 (paper section 2.3, "Sample Generation", and figure 9) draws many
+DALL-E 1 (paper section 2.6, "Sample Generation", and figure 9) draws many
 candidates per caption and reranks them with a pretrained contrastive model
 (CLIP, Radford et al. 2021); the blog shows the best 32 of 512. No CLIP
 weights can be downloaded here, so this module trains its own on the same

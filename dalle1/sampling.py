@@ -1,4 +1,4 @@
-"""Sampling image codes one by one in raster order (paper section 2.2 / 2.3).
+"""Sampling image codes one by one in raster order (paper section 2.6, "Sample Generation").
 
 Read top to bottom, :func:`sample_codes` does this:
 

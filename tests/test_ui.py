@@ -133,11 +133,18 @@ def test_browser_generates_the_requested_number_of_images(tiny_model, tmp_path):
             page.get_by_role("tab", name="Edit").click()
             image = tmp_path / "input.png"
             Image.new("RGB", (16, 16), (200, 30, 30)).save(image)
-            page.locator("#editor input[type=file]").set_input_files(str(image))
-            page.wait_for_function(  # the canvas has taken the image
-                "!document.querySelector('#editor').innerText.includes('Upload an image')",
-                timeout=60_000,
-            )
+            upload = page.locator("#editor input[type=file]")
+            upload.wait_for(state="attached")
+            for _ in range(6):  # the editor may mount its handler after the tab switch
+                upload.set_input_files(str(image))
+                try:
+                    page.wait_for_function(  # the canvas has taken the image
+                        "!document.querySelector('#editor').innerText.includes('Upload an image')",
+                        timeout=10_000,
+                    )
+                    break
+                except sync_api.TimeoutError:
+                    continue
             page.locator("#edit-prompt textarea").fill("a red circle")
             page.locator("#edit-num input[type=number]").fill("2")
             page.locator("#edit-num input[type=number]").press("Enter")
