@@ -74,6 +74,12 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--scale", type=int, default=4, help="upscale factor for grid.png (nearest)")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--rerank",
+        action="store_true",
+        help="order each prompt's images best first (clip/ scorer, else the model's likelihood)",
+    )
+    p.add_argument("--keep", type=int, default=None, help="with --rerank: keep the best K per prompt")
     add_edit_flags(p)  # --image … turns `sample` into `edit`
 
 
@@ -96,20 +102,27 @@ def run_sample(args: argparse.Namespace) -> None:
         top_k=args.top_k,
         top_p=args.top_p,
         cond_scale=args.cond_scale,
+        rerank=args.rerank,
+        keep=args.keep,
         progress=True,
     )
+    per_prompt = len(result.images) // len(args.prompt)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     lines = []
-    for i, (image, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds)):
-        name = f"{i // args.num_images:02d}_{i % args.num_images:02d}.png"
+    scores = result.scores or [None] * len(result.images)
+    for i, (image, prompt, seed, score) in enumerate(
+        zip(result.images, result.prompts, result.seeds, scores)
+    ):
+        name = f"{i // per_prompt:02d}_{i % per_prompt:02d}.png"
         image.save(out / name)
-        lines.append(f"{name}\tseed={seed}\t{prompt}")
+        tail = "" if score is None else f"\tscore={score:.4f}"
+        lines.append(f"{name}\tseed={seed}{tail}\t{prompt}")
     size = pipe.vae.cfg.image_size
     save_grid(
         torch.stack([pil_to_tensor(im, size) for im in result.images]),
         out / "grid.png",
-        nrow=args.num_images,
+        nrow=per_prompt,
         scale=args.scale,
     )
     rows = [f"row {r + 1}: {p}" for r, p in enumerate(args.prompt)]
