@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -48,6 +49,9 @@ from .resilience import (
 from .text import TextTokenizer
 from .transformer import DALLE, StreamShape
 from .vae import DiscreteVAE, codebook_usage, psnr
+
+# Lightning 2.6 warns about its own use of torch's pytree API on every run; not ours to fix.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
 def lr_lambda(cfg) -> callable:
