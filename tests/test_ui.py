@@ -135,23 +135,23 @@ def test_browser_generates_the_requested_number_of_images(tiny_model, tmp_path):
             Image.new("RGB", (16, 16), (200, 30, 30)).save(image)
             upload = page.locator("#editor input[type=file]")
             upload.wait_for(state="attached")
-            for _ in range(6):  # the editor may mount its handler after the tab switch
+            page.locator("#edit-prompt textarea").fill("a red circle")
+            page.locator("#edit-num input[type=number]").fill("2")
+            page.locator("#edit-num input[type=number]").press("Enter")
+            # The editor hands an upload to the server asynchronously; a click that races
+            # ahead of it gets "upload or pick an image first". Re-upload and retry then
+            # (bounded), waiting a little longer each time.
+            for attempt in range(6):
                 upload.set_input_files(str(image))
+                page.wait_for_timeout(1000 * (attempt + 1))
+                page.locator("#regenerate").click()
                 try:
-                    page.wait_for_function(  # the canvas has taken the image
-                        "!document.querySelector('#editor').innerText.includes('Upload an image')",
-                        timeout=10_000,
+                    page.wait_for_function(
+                        "document.querySelectorAll('#edited img').length >= 2", timeout=20_000
                     )
                     break
                 except sync_api.TimeoutError:
                     continue
-            page.locator("#edit-prompt textarea").fill("a red circle")
-            page.locator("#edit-num input[type=number]").fill("2")
-            page.locator("#edit-num input[type=number]").press("Enter")
-            page.locator("#regenerate").click()
-            page.wait_for_function(
-                "document.querySelectorAll('#edited img').length >= 2", timeout=120_000
-            )
             page.wait_for_timeout(500)
             assert page.locator("#edited img").count() == 2
             browser.close()
