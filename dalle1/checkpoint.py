@@ -68,7 +68,9 @@ def load_weights(module: torch.nn.Module, folder: Path) -> torch.nn.Module:
             f"weights '{path}' do not fit '{folder / 'config.json'}': {detail}"
         ) from None
     except Exception as err:  # noqa: BLE001 - e.g. SafetensorError: a pickle, a truncated file
-        raise ModelFolderError(f"weights '{path}' are not a valid safetensors file ({err})") from None
+        raise ModelFolderError(
+            f"weights '{path}' are not a valid safetensors file ({err})"
+        ) from None
     return module
 
 

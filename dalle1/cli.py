@@ -79,7 +79,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="order each prompt's images best first (clip/ scorer, else the model's likelihood)",
     )
-    p.add_argument("--keep", type=int, default=None, help="with --rerank: keep the best K per prompt")
+    p.add_argument(
+        "--keep", type=int, default=None, help="with --rerank: keep the best K per prompt"
+    )
     add_edit_flags(p)  # --image … turns `sample` into `edit`
 
 
@@ -566,9 +568,7 @@ def add_explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--images", nargs="*", default=None, help="images to reconstruct (default: the data folder)"
     )
-    p.add_argument(
-        "--schedule-only", action="store_true", help="draw only the configured masks"
-    )
+    p.add_argument("--schedule-only", action="store_true", help="draw only the configured masks")
 
 
 @command("explain", add_explain_args)

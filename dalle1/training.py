@@ -20,7 +20,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -85,7 +85,9 @@ class StageModule(L.LightningModule):
         """``train.nan_policy``: a NaN/Inf loss stops the run naming the step, or (``skip``)
         gets no backward pass, so the optimizer step after it changes no weight."""
         loop = self.trainer.fit_loop
-        where = f" (epoch {loop.epoch_progress.current.processed}, batch {loop.epoch_loop.batch_idx})"
+        where = (
+            f" (epoch {loop.epoch_progress.current.processed}, batch {loop.epoch_loop.batch_idx})"
+        )
         if check_loss(loss, self.config.train.nan_policy, self.global_step, where):
             super().backward(loss, *args, **kwargs)
 
@@ -174,11 +176,48 @@ def text_collate(tokenizer: TextTokenizer, dropout: bool):
 # --- the entry point ---------------------------------------------------------------------
 
 
+class StepProgressBar(TQDMProgressBar):
+    """One bar over optimizer steps (``train.max_steps``) instead of one per epoch.
+
+    Runs here are measured in steps, and epochs are open-ended (``max_epochs=-1``),
+    so Lightning's per-epoch bar would show "Epoch 8/-2" and restart every epoch.
+    """
+
+    def __init__(self, description: str, refresh_rate: int = 5):
+        super().__init__(refresh_rate=refresh_rate)
+        self.description = description
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.train_progress_bar.reset(total=trainer.max_steps)
+        self.train_progress_bar.n = trainer.global_step  # a resumed run starts part-way
+        self.train_progress_bar.set_description(self.description)
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        pass  # keep the one bar across epochs
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        if trainer.global_step != bar.n and self._should_update(trainer.global_step, bar.total):
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pass  # the bar closes at the end of training, not of an epoch
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.train_progress_bar.n = trainer.global_step
+        self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+        self.train_progress_bar.close()
+
+
 def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.Trainer:
     t = config.train
     ckpt = ModelCheckpoint(
         dirpath=out / "checkpoints", every_n_train_steps=t.ckpt_every, save_last=True, save_top_k=1
     )
+    bar = StepProgressBar(f"training {t.stage}")
     return L.Trainer(
         default_root_dir=out,
         max_steps=t.max_steps,
@@ -196,6 +235,7 @@ def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.
             ckpt,
             ResumeStateCallback(),
             DataReportCallback(current_problems()),
+            *([bar] if t.progress_bar else []),
             *(callbacks or []),
         ],
         # atomic (temp + fsync + rename) saves, weights-only loads; sharded strategies keep theirs

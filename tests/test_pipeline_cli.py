@@ -109,14 +109,43 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def test_sample_cli_rerank_keeps_the_best_per_prompt(tiny_model, tmp_path):
     out = tmp_path / "ranked"
     args = ["--model", str(tiny_model), "--prompt", "a red circle", "--prompt", "a blue square"]
-    rc = main([*args, "--num-images", "3", "--rerank", "--keep", "2", "--out", str(out)], command_name="sample")
+    rc = main(
+        [*args, "--num-images", "3", "--rerank", "--keep", "2", "--out", str(out)],
+        command_name="sample",
+    )
     assert rc == 0
-    assert sorted(p.name for p in out.glob("0*.png")) == ["00_00.png", "00_01.png", "01_00.png", "01_01.png"]
+    assert sorted(p.name for p in out.glob("0*.png")) == [
+        "00_00.png",
+        "00_01.png",
+        "01_00.png",
+        "01_01.png",
+    ]
     lines = [line for line in (out / "captions.txt").read_text().splitlines() if "score=" in line]
     scores = [float(line.split("score=")[1].split()[0]) for line in lines]
     assert len(scores) == 4 and scores[0] >= scores[1] and scores[2] >= scores[3]
     # the kept images are the best 2 of the 3 that plain sampling draws with the same seeds
-    full = DALLEPipeline.from_pretrained(tiny_model)(["a red circle", "a blue square"], num_images=3, score=True)
+    full = DALLEPipeline.from_pretrained(tiny_model)(
+        ["a red circle", "a blue square"], num_images=3, score=True
+    )
     for row in range(2):
         best = sorted(full.scores[3 * row : 3 * row + 3], reverse=True)[:2]
         assert scores[2 * row : 2 * row + 2] == pytest.approx(best, abs=1e-4)
+
+
+def test_training_shows_one_progress_bar_over_steps(shapes_dir, tmp_path, capfd):
+    from dalle1.config import load_config
+    from dalle1.training import fit
+
+    overrides = [
+        f"data.path={shapes_dir}",
+        f"train.out_dir={tmp_path}",
+        "train.max_steps=12",
+        "train.progress_bar=true",
+    ]
+    fit(load_config("configs/tiny_vae.yaml", overrides))
+    captured = capfd.readouterr()
+    err = (captured.out + captured.err).replace("\r", "\n")  # Lightning's tqdm writes to stdout
+    assert "training vae" in err and "12/12" in err
+    assert (
+        "/-2" not in err and "Epoch" not in err
+    )  # no per-epoch bar with an open-ended epoch count
