@@ -183,16 +183,6 @@ def edit_mode_flags(args: argparse.Namespace) -> list[str]:
     return [k for k, v in given.items() if v is not None]
 
 
-def parse_box(text: str) -> tuple[float, float, float, float]:
-    try:
-        values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 4:
-        raise ValueError(f"--box must be x0,y0,x1,y1 (four numbers), got {text!r}")
-    return values  # type: ignore[return-value]
-
-
 def add_edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder written by train.py")
     p.add_argument(
@@ -215,6 +205,7 @@ def run_edit(args: argparse.Namespace) -> None:
     import torch
 
     from .data import pil_to_tensor, save_grid
+    from .editing import parse_box
     from .pipeline import DALLEPipeline
 
     modes = edit_mode_flags(args)

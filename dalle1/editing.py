@@ -103,6 +103,17 @@ class Frame:
         ]
 
 
+def parse_box(box: str | tuple | list) -> Box:
+    """'x0,y0,x1,y1' (or four numbers) -> a pixel box; one-line ValueError otherwise."""
+    try:
+        values = tuple(float(v) for v in (box.split(",") if isinstance(box, str) else box))
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 4:
+        raise ValueError(f"box must be four numbers x0,y0,x1,y1, got {box!r}")
+    return values  # type: ignore[return-value]
+
+
 def box_to_cells(box: Box, frame: Frame, grid: int) -> torch.Tensor:
     """A pixel box ``(x0, y0, x1, y1)`` (x1, y1 exclusive) -> repainted cells, bool (grid²,).
 

@@ -28,6 +28,7 @@ from typing import Any
 from PIL import Image, ImageChops
 
 from .data import find_pairs
+from .editing import parse_box
 from .pipeline import DALLEPipeline
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -94,20 +95,6 @@ def generate(
 
 
 # --- editing ------------------------------------------------------------------------------
-
-
-def parse_box(box: str | tuple | list) -> tuple[float, float, float, float]:
-    """'x0,y0,x1,y1' (pixels of the uploaded image, x1/y1 exclusive) -> four floats."""
-    if isinstance(box, str):
-        try:
-            values = tuple(float(v) for v in box.replace(" ", "").split(",") if v)
-        except ValueError:
-            values = ()
-    else:
-        values = tuple(float(v) for v in box)
-    if len(values) != 4:
-        raise ValueError(f"box must be four numbers x0,y0,x1,y1, got {box!r}")
-    return values  # type: ignore[return-value]
 
 
 def editor_parts(value: Any) -> tuple[Image.Image | None, Image.Image | None]:
