@@ -153,16 +153,9 @@ class EncodedCaptions(Dataset):
 def encode_dataset(
     vae: DiscreteVAE, dataset: CaptionedFolder, batch_size: int = 64, progress: bool = True
 ) -> torch.Tensor:
-    """Run the frozen VAE over every image once: -> codes (M, grid²)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    from tqdm.auto import tqdm
-
-    return torch.cat(
-        [
-            vae.encode(images)
-            for images, _ in tqdm(loader, desc="encoding images", disable=not progress)
-        ]
-    )
+    """Run the frozen VAE over every image of a dataset once: -> codes (M, grid²)."""
+    items = ((dataset[i][0], []) for i in range(len(dataset)))
+    return encode_items(vae, items, batch_size, progress, total=len(dataset))[0]
 
 
 def text_collate(tokenizer: TextTokenizer, dropout: bool):
@@ -271,10 +264,11 @@ def fit(config: Config, resume: bool = False, callbacks: list | None = None) -> 
     # files skipped / converted: this run's record, appended to by DataLoader workers too
     (out / "data_problems.jsonl").unlink(missing_ok=True)
     use_problem_log(out / "data_problems.jsonl")
-    if data_format(config.data) == "folder":  # the built-in set is written as a folder
+    fmt = data_format(config.data)
+    if fmt == "folder":  # the built-in set is written as a folder
         ensure_dataset(config.data)
     train_pairs = val_pairs = None  # stay None for streamed shards and for pre-encoded codes
-    if data_format(config.data) != "webdataset" and not (t.stage == "dalle" and config.data.codes):
+    if fmt != "webdataset" and not (t.stage == "dalle" and config.data.codes):
         pairs = load_pairs(config.data)
         train_pairs, val_pairs = split_pairs(pairs, config.data.val_fraction, config.data.seed)
     ckpt_path = _resume_path(out) if resume else None
@@ -332,8 +326,9 @@ def _image_sets(config: Config, size: int, train_pairs, val_pairs) -> tuple[Data
         d.path, size, split="val", val_fraction=d.val_fraction, split_by_rank=False, limit=1024
     )
     if d.val_fraction <= 0 or next(iter(val), None) is None:  # nothing held out: score train
-        val = ShardDataset(d.path, size, split="train", val_fraction=d.val_fraction, limit=256)
-        val.split_by_rank = False
+        val = ShardDataset(
+            d.path, size, split="train", val_fraction=d.val_fraction, split_by_rank=False, limit=256
+        )
     return train, val
 
 
@@ -425,8 +420,9 @@ def _fit_dalle(
     data, train_captions, val_codes, val_captions = _dalle_codes(
         config, vae, train_pairs, val_pairs
     )
-    tokenizer = _tokenizer(config, out, [c for lines in train_captions for c in lines])
-    report_truncated(tokenizer, [c for lines in train_captions for c in lines])
+    caption_lines = [c for lines in train_captions for c in lines]
+    tokenizer = _tokenizer(config, out, caption_lines)
+    report_truncated(tokenizer, caption_lines)
     shape = StreamShape(
         tokenizer.vocab_size, tokenizer.text_len, vae.codebook_size, vae.grid_size, tokenizer.bos_id
     )
