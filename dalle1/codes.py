@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .datacheck import pick_caption
 from .vae import DiscreteVAE
 
 CODES_FILE, CAPTIONS_FILE, META_FILE = "codes.npy", "captions.jsonl", "meta.json"
@@ -139,7 +140,8 @@ class CodesFile:
 
 
 class CodesDataset(Dataset):
-    """(codes, caption) rows of a codes folder; the caption line is re-drawn every time."""
+    """(codes, caption) rows of a codes folder; the caption line is re-drawn every time
+    (seeded per draw by the resumable sampler, like :class:`dalle1.training.EncodedCaptions`)."""
 
     def __init__(self, store: CodesFile, rows: list[int] | None = None):
         self.store = store
@@ -151,8 +153,7 @@ class CodesDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
         row = self.rows[i]
         codes = torch.from_numpy(np.asarray(self.store.codes[row], dtype=np.int64))
-        options = self.store.captions[row] or [""]
-        return codes, options[int(torch.randint(len(options), ()))]
+        return codes, pick_caption(self.store.captions[row], i)  # i may carry the draw's seed
 
 
 def encode_data(

@@ -677,8 +677,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 if self.all_captions:
                     yield image, lines
                 else:
-                    options = lines or [""]
-                    yield image, options[int(torch.randint(len(options), ()))]
+                    yield image, pick_caption(lines)
             epoch += 1
             if not self.repeat or count == 0:
                 return
