@@ -87,9 +87,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
 
 @command("sample", add_sample_args)
 def run_sample(args: argparse.Namespace) -> None:
-    import torch
-
-    from .data import pil_to_tensor, save_grid
+    from .data import save_grid, stack_images
     from .pipeline import DALLEPipeline
 
     if args.image is not None or edit_mode_flags(args):
@@ -122,7 +120,7 @@ def run_sample(args: argparse.Namespace) -> None:
         lines.append(f"{name}\tseed={seed}{tail}\t{prompt}")
     size = pipe.vae.cfg.image_size
     save_grid(
-        torch.stack([pil_to_tensor(im, size) for im in result.images]),
+        stack_images(result.images, size),
         out / "grid.png",
         nrow=per_prompt,
         scale=args.scale,
@@ -202,9 +200,8 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
 @command("edit", add_edit_args)
 def run_edit(args: argparse.Namespace) -> None:
     """Repaint a box or mask of an image, complete it from its top rows, or make variations."""
-    import torch
 
-    from .data import pil_to_tensor, save_grid
+    from .data import save_grid, stack_images
     from .editing import parse_box
     from .pipeline import DALLEPipeline
 
@@ -255,7 +252,7 @@ def run_edit(args: argparse.Namespace) -> None:
     size = pipe.vae.cfg.image_size
     panels = [result.original, result.mask, *result.images]
     save_grid(
-        torch.stack([pil_to_tensor(im, size) for im in panels]),
+        stack_images(panels, size),
         out / "grid.png",
         nrow=len(panels),
         scale=args.scale,

@@ -187,6 +187,11 @@ def pil_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def stack_images(images: list[Image.Image], image_size: int) -> torch.Tensor:
+    """PIL images -> (B, 3, size, size) in [0, 1], each through :func:`pil_to_tensor`."""
+    return torch.stack([pil_to_tensor(im, image_size) for im in images])
+
+
 def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     """(3, H, W) in [0, 1] -> PIL image."""
     array = (

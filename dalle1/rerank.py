@@ -462,10 +462,9 @@ def read_prompts(path: str | Path) -> list[dict[str, str | None]]:
 
 
 def _images_tensor(pipe: DALLEPipeline, images: list[Image.Image]) -> torch.Tensor:
-    from .data import pil_to_tensor
+    from .data import stack_images
 
-    size = pipe.vae.cfg.image_size
-    return torch.stack([pil_to_tensor(im, size) for im in images])
+    return stack_images(images, pipe.vae.cfg.image_size)
 
 
 @torch.no_grad()

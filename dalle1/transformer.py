@@ -74,13 +74,10 @@ class Cache:
     capacity: int
 
     def clone(self) -> Cache:
-        copy = [None if t is None else t.clone() for t in self.keys]
-        return Cache(
-            copy,
-            [None if t is None else t.clone() for t in self.values],
-            self.length,
-            self.capacity,
-        )
+        def copy(buffers: list) -> list:
+            return [None if t is None else t.clone() for t in buffers]
+
+        return Cache(copy(self.keys), copy(self.values), self.length, self.capacity)
 
 
 class DALLE(nn.Module):
