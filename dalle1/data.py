@@ -170,18 +170,21 @@ def load_image(path: str | Path, image_size: int) -> torch.Tensor:
         raise BadImageError(f"{name}: {describe_error(err)}") from None
 
 
+def fit_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """How an image lands on the model's ``size`` square: resize so the shorter side is
+    ``size``, then crop the centre. -> (resized width, resized height, crop left, crop top)."""
+    if min(width, height) != size:
+        scale = size / min(width, height)
+        width, height = max(size, round(width * scale)), max(size, round(height * scale))
+    return width, height, (width - size) // 2, (height - size) // 2
+
+
 def pil_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
     """PIL image -> (3, size, size) in [0, 1]; smaller images are upscaled (bicubic)."""
     img = to_rgb(img)
-    w, h = img.size
-    scale = image_size / min(w, h)
-    if scale != 1:
-        img = img.resize(
-            (max(image_size, round(w * scale)), max(image_size, round(h * scale))),
-            Image.Resampling.BICUBIC,
-        )
-    w, h = img.size
-    left, top = (w - image_size) // 2, (h - image_size) // 2
+    resized_w, resized_h, left, top = fit_geometry(*img.size, image_size)
+    if (resized_w, resized_h) != img.size:
+        img = img.resize((resized_w, resized_h), Image.Resampling.BICUBIC)
     img = img.crop((left, top, left + image_size, top + image_size))
     array = np.asarray(img, dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()

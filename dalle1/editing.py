@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import pil_to_tensor, tensor_to_pil
+from .data import fit_geometry, pil_to_tensor, tensor_to_pil
 from .pipeline import DALLEOutput
 from .sampling import sample_codes
 from .transformer import DALLE
@@ -67,9 +67,9 @@ PAPER_PRIME_ROWS = Fraction(15, 32)
 class Frame:
     """How an input image of ``width`` x ``height`` lands on the model's ``size`` square.
 
-    Mirrors :func:`dalle1.data.pil_to_tensor`: resize so the shorter side is
-    ``size`` (to ``resized_w`` x ``resized_h``), then crop the centre square at
-    (``left``, ``top``).
+    The geometry of :func:`dalle1.data.pil_to_tensor`, from
+    :func:`dalle1.data.fit_geometry`: resize so the shorter side is ``size`` (to
+    ``resized_w`` x ``resized_h``), then crop the centre square at (``left``, ``top``).
     """
 
     width: int
@@ -82,13 +82,7 @@ class Frame:
 
     @classmethod
     def of(cls, width: int, height: int, size: int) -> Frame:
-        scale = size / min(width, height)
-        rw, rh = (
-            (max(size, round(width * scale)), max(size, round(height * scale)))
-            if scale != 1
-            else (width, height)
-        )
-        return cls(width, height, size, rw, rh, (rw - size) // 2, (rh - size) // 2)
+        return cls(width, height, size, *fit_geometry(width, height, size))
 
     def cell_edges(self, grid: int, axis: str) -> list[tuple[Fraction, Fraction]]:
         """For each column (axis 'x') or row ('y') of cells: its [start, stop) in input pixels."""
