@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .datacheck import pick_caption
+from .resilience import atomic_write
 from .vae import DiscreteVAE
 
 CODES_FILE, CAPTIONS_FILE, META_FILE = "codes.npy", "captions.jsonl", "meta.json"
@@ -78,20 +78,18 @@ def save_codes(out: str | Path, codes: torch.Tensor, captions: list[list[str]], 
     out.mkdir(parents=True, exist_ok=True)
     vocab = int(meta["codebook_size"])
     dtype = np.int16 if vocab <= np.iinfo(np.int16).max else np.int32
-    tmp = out / (CODES_FILE + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, codes.cpu().numpy().astype(dtype))
-    os.replace(tmp, out / CODES_FILE)
-    tmp = out / (CAPTIONS_FILE + ".tmp")
-    tmp.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in captions))
-    os.replace(tmp, out / CAPTIONS_FILE)
+    array = codes.cpu().numpy().astype(dtype)
+    atomic_write(out / CODES_FILE, lambda fh: np.save(fh, array))
+    lines = "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in captions)
+    atomic_write(out / CAPTIONS_FILE, lambda fh: fh.write(lines.encode("utf-8")))
     meta = {
         **meta,
         "count": len(codes),
         "grid_tokens": int(codes.shape[1]),
         "dtype": dtype.__name__,
     }
-    (out / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    text = json.dumps(meta, indent=2) + "\n"
+    atomic_write(out / META_FILE, lambda fh: fh.write(text.encode("utf-8")))  # last: marks complete
     return out
 
 

@@ -42,6 +42,7 @@ from .resilience import (
     AtomicCheckpointIO,
     DataReportCallback,
     ResumeStateCallback,
+    atomic_write,
     check_loss,
     remove_stale_temporaries,
     resumable_loader,
@@ -467,9 +468,8 @@ def _tokenizer(config: Config, out: Path, captions: list[str]) -> TextTokenizer:
     tokenizer = TextTokenizer.train(
         captions, tx.vocab_size, tx.text_len, tx.bpe_dropout, tx.lowercase
     )
-    tmp = path.with_name(f".{path.name}.tmp")
-    tokenizer.save(tmp)
-    tmp.replace(path)  # a run killed here never leaves half a tokenizer for --resume
+    # a run killed here never leaves half a tokenizer for --resume
+    atomic_write(path, lambda fh: fh.write(tokenizer.tokenizer.to_str(pretty=True).encode()))
     return tokenizer
 
 
