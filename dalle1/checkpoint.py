@@ -17,16 +17,14 @@ a temporary name and renamed into place, so a crash never leaves half a model.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
 
-from .config import Config, DALLEConfig, VAEConfig, _build, config_from_dict
+from .config import Config, DALLEConfig, VAEConfig, build_section, config_from_dict
+from .files import atomic_folder
 from .text import TextTokenizer
 from .transformer import DALLE, StreamShape
 from .vae import DiscreteVAE
@@ -74,37 +72,6 @@ def load_weights(module: torch.nn.Module, folder: Path) -> torch.nn.Module:
     return module
 
 
-def atomic_folder(final: str | Path):
-    """Context manager yielding a temporary folder that replaces ``final`` on success."""
-    return _AtomicFolder(Path(final))
-
-
-class _AtomicFolder:
-    def __init__(self, final: Path):
-        self.final = final
-
-    def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-", dir=self.final.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        for root, _, files in os.walk(self.tmp):
-            for name in files:
-                with open(os.path.join(root, name), "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = None
-        if self.final.exists():
-            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
-            os.replace(self.final, old)
-        os.replace(self.tmp, self.final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 # --- components ---------------------------------------------------------------------------
 
 
@@ -115,7 +82,7 @@ def save_vae(vae: DiscreteVAE, folder: Path) -> None:
 def load_vae(folder: str | Path) -> DiscreteVAE:
     folder = Path(folder)
     sub = folder / "vae" if (folder / "vae").is_dir() else folder
-    cfg = _build(VAEConfig, read_json(sub / "config.json"), "vae.")
+    cfg = build_section(VAEConfig, read_json(sub / "config.json"), "vae.")
     return load_weights(DiscreteVAE(cfg), sub).eval()
 
 
@@ -126,7 +93,7 @@ def save_dalle(model: DALLE, folder: Path) -> None:
 def load_dalle(folder: Path) -> DALLE:
     data = read_json(folder / "config.json")
     shape = StreamShape(**data.pop("stream"))
-    cfg = _build(DALLEConfig, data, "dalle.")
+    cfg = build_section(DALLEConfig, data, "dalle.")
     return load_weights(DALLE(cfg, shape), folder).eval()
 
 

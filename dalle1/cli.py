@@ -87,7 +87,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
 
 @command("sample", add_sample_args)
 def run_sample(args: argparse.Namespace) -> None:
-    from .data import save_grid, stack_images
+    from .images import save_grid, stack_images
     from .pipeline import DALLEPipeline
 
     if args.image is not None or edit_mode_flags(args):
@@ -201,8 +201,8 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
 def run_edit(args: argparse.Namespace) -> None:
     """Repaint a box or mask of an image, complete it from its top rows, or make variations."""
 
-    from .data import save_grid, stack_images
     from .editing import parse_box
+    from .images import save_grid, stack_images
     from .pipeline import DALLEPipeline
 
     modes = edit_mode_flags(args)
@@ -418,7 +418,7 @@ def run_classify(args: argparse.Namespace) -> None:
 
     import torch
 
-    from .data import load_image
+    from .images import load_image
     from .pipeline import DALLEPipeline
     from .rerank import parse_list, zero_shot
 
@@ -616,7 +616,8 @@ def run_eval_vae(args: argparse.Namespace) -> None:
     import torch
 
     from .checkpoint import load_vae
-    from .data import CaptionedFolder, find_pairs, save_grid
+    from .data import CaptionedFolder, find_pairs
+    from .images import save_grid
     from .training import evaluate_vae
 
     if args.limit < 0 or args.batch_size < 1 or args.grid < 0:

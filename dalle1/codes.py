@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .datacheck import pick_caption
-from .resilience import atomic_write
+from .files import atomic_write
 from .vae import DiscreteVAE
 
 CODES_FILE, CAPTIONS_FILE, META_FILE = "codes.npy", "captions.jsonl", "meta.json"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -174,7 +175,8 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def _build(cls: type, values: dict, prefix: str) -> Any:
+def build_section(cls: type, values: dict, prefix: str) -> Any:
+    """One config dataclass from a mapping; unknown keys and wrong types name ``prefix + key``."""
     if not isinstance(values, dict):
         raise ConfigError(
             f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(values).__name__}"
@@ -188,7 +190,7 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
             raise ConfigError(f"unknown key '{name}'; allowed keys: {', '.join(allowed)}")
         ftype = hints[key]
         if dataclasses.is_dataclass(ftype):
-            kwargs[key] = _build(ftype, value or {}, f"{name}.")
+            kwargs[key] = build_section(ftype, value or {}, f"{name}.")
         else:
             kwargs[key] = _check_type(name, value, ftype)
     return cls(**kwargs)
@@ -196,7 +198,7 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
 
 def config_from_dict(values: dict) -> Config:
     """Build a validated :class:`Config` from nested dictionaries (YAML / JSON)."""
-    cfg = _build(Config, values or {}, "")
+    cfg = build_section(Config, values or {}, "")
     validate(cfg)
     return cfg
 
@@ -274,9 +276,63 @@ def validate(cfg: Config) -> None:
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"{key} must be >= 1")
     if cfg.vae.quantizer == "fsq":  # the FSQ levels must multiply to the codebook size
-        from .vae import resolve_fsq_levels  # noqa: PLC0415 (vae imports this module)
-
         try:
             resolve_fsq_levels(cfg.vae)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+
+
+# --- FSQ levels (vae.quantizer: fsq): arithmetic on the config, checked when it loads --------
+
+#: levels allowed per FSQ dimension when they are chosen automatically
+FSQ_LEVEL_CHOICES = (8, 7, 6, 5, 4, 3)
+
+
+def fsq_levels_for(codebook_size: int) -> list[int]:
+    """FSQ levels whose product is exactly ``codebook_size``.
+
+    Factors are taken from 3..8 (FSQ needs > 2 levels per dimension to be
+    useful); among the factorisations the one with the fewest dimensions wins,
+    then the most balanced one. ``256 -> [8, 8, 4]``, ``512 -> [8, 8, 8]``,
+    ``1000 -> [8, 5, 5, 5]``, ``8192 -> [8, 8, 8, 4, 4]``. Sizes with a prime
+    factor above 8 (e.g. 11, 257) have no such factorisation: a ValueError
+    names ``codebook_size`` and asks for explicit ``vae.fsq_levels``.
+    """
+    best: list[int] | None = None
+
+    def search(rest: int, largest: int, chosen: list[int]) -> None:
+        nonlocal best
+        if rest == 1:
+            key = (len(chosen), max(chosen) - min(chosen))
+            if best is None or key < (len(best), max(best) - min(best)):
+                best = list(chosen)
+            return
+        if best is not None and len(chosen) >= len(best):
+            return
+        for level in FSQ_LEVEL_CHOICES:
+            if level <= largest and rest % level == 0:
+                search(rest // level, level, [*chosen, level])
+
+    if codebook_size > 1:
+        search(codebook_size, max(FSQ_LEVEL_CHOICES), [])
+    if best is None:
+        raise ValueError(
+            f"vae.codebook_size={codebook_size} is not a product of FSQ levels between 3 and 8; "
+            "pick another codebook_size (e.g. 256, 512, 1000, 1024) or set vae.fsq_levels explicitly"
+        )
+    return best
+
+
+def resolve_fsq_levels(cfg: VAEConfig) -> list[int]:
+    """``cfg.fsq_levels`` (checked against ``codebook_size``) or the automatic choice."""
+    if not cfg.fsq_levels:
+        return fsq_levels_for(cfg.codebook_size)
+    if any(level < 2 for level in cfg.fsq_levels):
+        raise ValueError(f"vae.fsq_levels={cfg.fsq_levels}: every level must be >= 2")
+    product = math.prod(cfg.fsq_levels)
+    if product != cfg.codebook_size:
+        raise ValueError(
+            f"vae.fsq_levels={cfg.fsq_levels} imply {product} codes but vae.codebook_size={cfg.codebook_size}; "
+            "make them agree (or leave fsq_levels empty to choose levels automatically)"
+        )
+    return list(cfg.fsq_levels)

@@ -12,24 +12,20 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from .datacheck import (
-    BadImageError,
     DataProblems,
     current_problems,
-    describe_error,
     pick_caption,
     read_caption_file,
     scan_pairs,
-    to_rgb,
 )
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+from .files import atomic_write
+from .images import IMAGE_SUFFIXES, BadImageError, load_image
 
 # ---------------------------------------------------------------------------
 # The built-in synthetic set: coloured shapes with sizes, positions, relations
@@ -154,57 +150,6 @@ def make_shapes_dataset(
 # ---------------------------------------------------------------------------
 
 
-def load_image(path: str | Path, image_size: int) -> torch.Tensor:
-    """An image file -> float tensor (3, size, size) in [0, 1]: RGB, shorter side resized, centre crop.
-
-    Grayscale / alpha / palette / 16-bit images are converted by the rules of
-    :mod:`dalle1.datacheck`; a file that cannot be decoded (not an image,
-    truncated, corrupt) raises :class:`~dalle1.datacheck.BadImageError` naming it.
-    """
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return pil_to_tensor(img, image_size)
-    except Exception as err:  # noqa: BLE001 - every decoder failure becomes one error type
-        name = path if isinstance(path, str | Path) else getattr(path, "name", repr(path))
-        raise BadImageError(f"{name}: {describe_error(err)}") from None
-
-
-def fit_geometry(width: int, height: int, size: int) -> tuple[int, int, int, int]:
-    """How an image lands on the model's ``size`` square: resize so the shorter side is
-    ``size``, then crop the centre. -> (resized width, resized height, crop left, crop top)."""
-    if min(width, height) != size:
-        scale = size / min(width, height)
-        width, height = max(size, round(width * scale)), max(size, round(height * scale))
-    return width, height, (width - size) // 2, (height - size) // 2
-
-
-def pil_to_tensor(img: Image.Image, image_size: int) -> torch.Tensor:
-    """PIL image -> (3, size, size) in [0, 1]; smaller images are upscaled (bicubic)."""
-    img = to_rgb(img)
-    resized_w, resized_h, left, top = fit_geometry(*img.size, image_size)
-    if (resized_w, resized_h) != img.size:
-        img = img.resize((resized_w, resized_h), Image.Resampling.BICUBIC)
-    img = img.crop((left, top, left + image_size, top + image_size))
-    array = np.asarray(img, dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def stack_images(images: list[Image.Image], image_size: int) -> torch.Tensor:
-    """PIL images -> (B, 3, size, size) in [0, 1], each through :func:`pil_to_tensor`."""
-    return torch.stack([pil_to_tensor(im, image_size) for im in images])
-
-
-def tensor_to_pil(image: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [0, 1] -> PIL image."""
-    array = (
-        (image.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255)
-        .round()
-        .astype(np.uint8)
-    )
-    return Image.fromarray(array)
-
-
 def read_captions(path: Path, problems: DataProblems | None = None) -> list[str]:
     """Non-blank lines of a caption file (UTF-8; bad bytes replaced, see :mod:`dalle1.datacheck`)."""
     lines, notes = read_caption_file(path)
@@ -257,7 +202,8 @@ class CaptionedFolder(Dataset):
             pairs, captions = scan_pairs(pairs, captions, image_size, self.problems)
             if listed and not pairs:
                 raise BadImageError(
-                    f"none of the {listed} listed images can be used: {self.problems.summary()}"
+                    None,
+                    f"none of the {listed} listed images can be used: {self.problems.summary()}",
                 )
         self.pairs, self.captions = pairs, captions
         self.failed: set[int] = set()  # indices that failed to decode (in this process)
@@ -277,11 +223,10 @@ class CaptionedFolder(Dataset):
                 image = load_image(self.pairs[j][0], self.image_size)
             except BadImageError as err:
                 self.failed.add(j)
-                path = str(self.pairs[j][0])
-                self.problems.record(path, str(err).removeprefix(f"{path}: "))
+                self.problems.record(str(self.pairs[j][0]), err.reason)
                 continue
             return image, pick_caption(self.captions[j], index)
-        raise BadImageError(f"none of the {n} images of the dataset can be decoded")
+        raise BadImageError(None, f"none of the {n} images of the dataset can be decoded")
 
     def all_captions(self) -> list[str]:
         return [c for lines in self.captions for c in lines]
@@ -304,30 +249,6 @@ def ensure_dataset(cfg) -> Path:
         make_shapes_dataset(
             path, cfg.synthetic_count, cfg.image_size, cfg.seed, cfg.synthetic_max_shapes
         )
-    return path
-
-
-def make_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2) -> torch.Tensor:
-    """(B, 3, H, W) -> one (3, H', W') image with ``nrow`` images per row (white padding)."""
-    b, c, h, w = images.shape
-    ncol = min(nrow, b)
-    nrows = (b + ncol - 1) // ncol
-    grid = torch.ones(c, nrows * (h + padding) + padding, ncol * (w + padding) + padding)
-    for i, image in enumerate(images):
-        r, k = divmod(i, ncol)
-        top, left = padding + r * (h + padding), padding + k * (w + padding)
-        grid[:, top : top + h, left : left + w] = image.detach().float().cpu()
-    return grid
-
-
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 8, scale: int = 1) -> Path:
-    """Write a grid of images in [0, 1] as a PNG (nearest-neighbour upscaled by ``scale``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = tensor_to_pil(make_grid(images, nrow))
-    if scale > 1:
-        img = img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
-    img.save(path)
     return path
 
 
@@ -537,43 +458,42 @@ def write_shards(
     """Pack (image, captions) pairs into WebDataset tars ``out/prefix-000000.tar`` …
 
     Each sample is ``KEY.<original image suffix>`` (the file's bytes, not
-    re-encoded) + ``KEY.txt`` (caption lines). Shards are written under a
-    temporary name and renamed, so an interrupted run leaves no half shard.
+    re-encoded) + ``KEY.txt`` (caption lines). Every shard is written with
+    :func:`dalle1.files.atomic_write`, so an interrupted run leaves no half shard.
     """
     import io
-    import os
     import tarfile
 
     if shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
-    tar, tmp = None, None
+    bar = tqdm(total=len(pairs), desc="writing shards", disable=not progress)
 
-    def add(name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = len(data), 0, 0o644
-        tar.addfile(info, io.BytesIO(data))
+    def shard(first: int):
+        def write(fh) -> None:
+            with tarfile.open(fileobj=fh, mode="w") as tar:
+                for i in range(first, min(first + shard_size, len(pairs))):
+                    image, captions = pairs[i]
+                    suffix = Path(image).suffix.lower().lstrip(".") or "png"
+                    suffix = "jpg" if suffix == "jpeg" else suffix
+                    text = "\n".join(_lines_of(captions)) + "\n"
+                    for name, data in (
+                        (f"{i:08d}.{suffix}", Path(image).read_bytes()),
+                        (f"{i:08d}.txt", text.encode("utf-8")),
+                    ):
+                        info = tarfile.TarInfo(name)
+                        info.size, info.mtime, info.mode = len(data), 0, 0o644
+                        tar.addfile(info, io.BytesIO(data))
+                    bar.update()
 
-    def close() -> None:
-        tar.close()
-        os.replace(tmp, paths[-1])
+        return write
 
-    for i, (image, captions) in enumerate(tqdm(pairs, desc="writing shards", disable=not progress)):
-        if i % shard_size == 0:
-            if tar is not None:
-                close()
-            paths.append(out / f"{prefix}-{len(paths):06d}{SHARD_SUFFIX}")
-            tmp = paths[-1].with_name(paths[-1].name + ".tmp")
-            tar = tarfile.open(tmp, "w")
-        suffix = Path(image).suffix.lower().lstrip(".") or "png"
-        suffix = "jpg" if suffix == "jpeg" else suffix
-        key = f"{i:08d}"
-        add(f"{key}.{suffix}", Path(image).read_bytes())
-        add(f"{key}.txt", ("\n".join(_lines_of(captions)) + "\n").encode("utf-8"))
-    if tar is not None:
-        close()
+    paths = [
+        atomic_write(out / f"{prefix}-{k:06d}{SHARD_SUFFIX}", shard(first))
+        for k, first in enumerate(range(0, len(pairs), shard_size))
+    ]
+    bar.close()
     return paths
 
 
@@ -659,7 +579,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 try:
                     image = _decode_bytes(sample[ext], name, self.image_size)
                 except BadImageError as err:  # skipped and counted (dalle1.datacheck)
-                    current_problems().record(name, str(err).removeprefix(f"{name}: "))
+                    current_problems().record(name, err.reason)
                     continue
                 yield image, lines
 
@@ -729,7 +649,7 @@ def iter_items(cfg, image_size: int, pairs: list | None = None, shard_split: str
             try:
                 tensor = load_image(image, image_size)
             except BadImageError as err:
-                current_problems().record(image, str(err).removeprefix(f"{image}: "))
+                current_problems().record(image, err.reason)
                 continue
             yield tensor, lines
         return

@@ -4,22 +4,8 @@ A user's dataset always holds some broken files. The rule of dalle1 is that a
 bad file never kills an epoch: every file is either *converted* by a rule
 written down here (and in ``docs/reliability.md``) or *skipped and counted*.
 
-Images (:func:`to_rgb`, used by :func:`dalle1.data.pil_to_tensor`)
-    - grayscale (``1``, ``L``), palette (``P``), CMYK, YCbCr … → RGB;
-    - with an alpha channel (``RGBA``, ``LA``, ``PA``, palette with a
-      transparent colour) → alpha-composited onto a white background;
-    - 16-bit (``I;16*``, and ``I`` whose values exceed 255) → scaled by
-      1/65535, so the full range maps to [0, 1] instead of being clipped;
-    - 32-bit float (``F``) → taken as [0, 1] if its maximum is ≤ 1, else as
-      [0, 255]; NaN/Inf become 0 / the range ends;
-    - an EXIF orientation tag is applied (photos come out upright);
-    - an image smaller than the model size is upscaled (bicubic) along its
-      shorter side and centre-cropped, like every other image;
-    - animated images: the first frame.
-
-    Skipped (:class:`BadImageError`): files Pillow cannot identify (non-images
-    with an image suffix, empty files), truncated or corrupt files, files
-    over Pillow's decompression-bomb limit, files that vanish while training.
+Images: the conversion rules and :class:`~dalle1.images.BadImageError` live in
+:mod:`dalle1.images`.
 
 Captions (:func:`read_captions`)
     - UTF-8 (a BOM is dropped); UTF-16 files with a BOM are decoded as such;
@@ -43,86 +29,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
+
+from .images import IMAGE_SUFFIXES, BadImageError, probe_image
 
 MAX_CAPTION_CHARS = 4096  # characters kept per caption line
 MAX_CAPTION_BYTES = 1 << 20  # bytes read from one caption file
 EXAMPLES = 5  # offending paths shown per reason
 MAX_CONVERSION_RECORDS = 100  # converted files recorded per reason (all skipped files are)
-
-
-class BadImageError(ValueError):
-    """An image file cannot be decoded; the message names the file and why."""
-
-
-# --- image conversion ----------------------------------------------------------------------
-
-SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
-ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-
-
-def conversion_of(img: Image.Image, image_size: int | None = None) -> list[str]:
-    """The conversion rules :func:`to_rgb` / resizing will apply to ``img`` (for reports)."""
-    rules = []
-    mode = img.mode
-    if mode in SIXTEEN_BIT or mode == "I":
-        rules.append("16-bit image scaled to 8 bits")
-    elif mode == "F":
-        rules.append("float image scaled to 8 bits")
-    elif mode in ALPHA_MODES or (mode == "P" and "transparency" in img.info):
-        rules.append("transparency composited on white")
-    elif mode == "P":
-        rules.append("palette image converted to RGB")
-    elif mode in ("1", "L"):
-        rules.append("grayscale image converted to RGB")
-    elif mode != "RGB":
-        rules.append(f"{mode} image converted to RGB")
-    if image_size is not None and min(img.size) < image_size:
-        rules.append(f"smaller than {image_size}px: upscaled")
-    return rules
-
-
-def _from_gray_array(array: np.ndarray) -> Image.Image:
-    gray = (np.clip(np.nan_to_num(array, nan=0.0, posinf=1.0, neginf=0.0), 0, 1) * 255).round()
-    return Image.fromarray(gray.astype(np.uint8), "L").convert("RGB")
-
-
-def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Any Pillow image -> 8-bit RGB by the rules in this module's docstring."""
-    orientation = img.getexif().get(0x0112, 1) if hasattr(img, "getexif") else 1
-    if orientation not in (1, None):
-        img = ImageOps.exif_transpose(img)
-    mode = img.mode
-    if mode in SIXTEEN_BIT or mode == "I":
-        array = np.asarray(img, dtype=np.float64)
-        scale = 65535.0 if mode in SIXTEEN_BIT or array.max(initial=0) > 255 else 255.0
-        return _from_gray_array(array / scale)
-    if mode == "F":
-        array = np.asarray(img, dtype=np.float64)
-        finite = array[np.isfinite(array)]
-        scale = 1.0 if finite.size == 0 or finite.max() <= 1.0 else 255.0
-        return _from_gray_array(array / scale)
-    if mode in ALPHA_MODES or (mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return img.convert("RGB") if mode != "RGB" else img
-
-
-def describe_error(err: BaseException) -> str:
-    """A short reason for a decoding failure ('truncated file', 'not an image' …)."""
-    text = str(err).strip() or type(err).__name__
-    if isinstance(err, Image.UnidentifiedImageError) or "cannot identify image" in text:
-        return "not an image Pillow can read"
-    if "truncated" in text:
-        return "truncated file"
-    if isinstance(err, Image.DecompressionBombError):
-        return f"too many pixels ({text.split('(')[0].strip()})"
-    if isinstance(err, FileNotFoundError):
-        return "file not found"
-    return f"corrupt image ({type(err).__name__}: {text.splitlines()[0][:120]})"
 
 
 # --- captions ------------------------------------------------------------------------------
@@ -291,7 +205,7 @@ def scan_pairs(
         try:
             rules = probe_image(image, image_size)
         except BadImageError as err:
-            problems.record(image, str(err).removeprefix(f"{image}: "))
+            problems.record(image, err.reason)
             continue
         for rule in rules:
             problems.record(image, rule, "converted")
@@ -301,22 +215,6 @@ def scan_pairs(
 
 
 # --- the scan before training and `dalle1 data check` -----------------------------------
-
-
-def probe_image(path: str | Path, image_size: int | None = None, decode: bool = False) -> list[str]:
-    """Open an image (header only, or fully with ``decode``); -> its conversion rules.
-
-    Raises :class:`BadImageError` (naming the file and the reason) if it cannot be read.
-    """
-    try:
-        with Image.open(path) as img:
-            rules = conversion_of(img, image_size)
-            if decode:
-                img.load()
-                to_rgb(img)
-    except Exception as err:  # noqa: BLE001 - any decoder failure means: skip this file
-        raise BadImageError(f"{path}: {describe_error(err)}") from None
-    return rules
 
 
 def orphan_images(root: str | Path, image_suffixes: tuple[str, ...]) -> list[Path]:
@@ -336,8 +234,6 @@ def check_folder(
     Returns (number of usable pairs, the problems found).
     """
     from tqdm.auto import tqdm
-
-    from .data import IMAGE_SUFFIXES
 
     root = Path(root)
     if not root.is_dir():
@@ -361,7 +257,7 @@ def check_folder(
         try:
             rules = probe_image(path, image_size, decode=True)
         except BadImageError as err:
-            problems.record(path, str(err).removeprefix(f"{path}: "))
+            problems.record(path, err.reason)
             continue
         lines, notes = read_caption_file(caption)
         for note in notes:

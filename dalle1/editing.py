@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data import fit_geometry, pil_to_tensor, tensor_to_pil
+from .images import ImageInput, fit_geometry, load_input, pil_to_tensor, tensor_to_pil
 from .pipeline import DALLEOutput
 from .sampling import sample_codes
 from .transformer import DALLE
@@ -50,7 +50,6 @@ from .transformer import DALLE
 if TYPE_CHECKING:
     from .pipeline import DALLEPipeline
 
-ImageInput = Image.Image | str | Path
 MaskInput = Image.Image | str | Path | np.ndarray | torch.Tensor
 Box = tuple[float, float, float, float]
 
@@ -376,17 +375,6 @@ class EditOutput(DALLEOutput):
     repaint: torch.Tensor | None = None  # bool (grid²,)
     original_codes: torch.Tensor | None = None  # (grid²,)
     generated: list[Image.Image] = field(default_factory=list)  # decoded, before compositing
-
-
-def load_input(image: ImageInput) -> Image.Image:
-    if isinstance(image, str | Path):
-        if not Path(image).exists():
-            raise FileNotFoundError(f"image '{image}' does not exist")
-        with Image.open(image) as img:
-            return img.convert("RGB")
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    raise ValueError(f"image must be a PIL image or a path, got {type(image).__name__}")
 
 
 def region_cells(

@@ -15,7 +15,7 @@ from PIL import Image
 
 from .checkpoint import load_parts
 from .config import Config
-from .data import tensor_to_pil
+from .images import tensor_to_pil
 from .rerank import CLIPScorer, check_clip_fits, load_clip, rank, self_scores
 from .sampling import sample_codes
 from .text import TextTokenizer

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import zlib
 from dataclasses import asdict
 from pathlib import Path
@@ -44,8 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 from x_transformers import Encoder
 
-from .checkpoint import ModelFolderError, atomic_folder, read_json, save_component
-from .config import CLIPConfig, Config, _build
+from .checkpoint import ModelFolderError, read_json, save_component
+from .config import CLIPConfig, Config, build_section
+from .files import atomic_folder, atomic_write
 from .text import TextTokenizer
 
 if TYPE_CHECKING:
@@ -228,7 +228,7 @@ def load_clip(folder: str | Path) -> CLIPScorer:
         shape = {k: data.pop(k) for k in ("text_vocab", "text_len", "bpe_vocab", "image_size")}
     except KeyError as err:
         raise ModelFolderError(f"'{sub / 'config.json'}' lacks the key {err}") from None
-    cfg = _build(CLIPConfig, data, "clip.")
+    cfg = build_section(CLIPConfig, data, "clip.")
     return load_weights(CLIPScorer(cfg, **shape), sub).eval()
 
 
@@ -462,7 +462,7 @@ def read_prompts(path: str | Path) -> list[dict[str, str | None]]:
 
 
 def _images_tensor(pipe: DALLEPipeline, images: list[Image.Image]) -> torch.Tensor:
-    from .data import stack_images
+    from .images import stack_images
 
     return stack_images(images, pipe.vae.cfg.image_size)
 
@@ -669,10 +669,7 @@ def synthesize(
                     dropped += 1
                     continue
                 name = f"{folders[c]}/{i:06d}.png"
-                (out / folders[c]).mkdir(exist_ok=True)
-                tmp = out / folders[c] / f".{i:06d}.png.tmp"
-                image.save(tmp, format="PNG")
-                os.replace(tmp, out / name)
+                atomic_write(out / name, lambda fh, image=image: image.save(fh, format="PNG"))
                 man.write(json.dumps({"file": name, **row}) + "\n")
                 man.flush()
                 kept += 1

@@ -26,7 +26,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import random
 import sys
@@ -41,6 +40,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Sampler
 
 from .datacheck import DataProblems
+from .files import atomic_write
 
 log = logging.getLogger("dalle1")
 
@@ -53,48 +53,7 @@ class CheckpointError(ValueError):
     """A checkpoint file is unsafe or unreadable; the message names it."""
 
 
-# --- atomic files --------------------------------------------------------------------------
-
-
-def fsync_dir(folder: str | Path) -> None:
-    """Make a rename inside ``folder`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """Call ``write(file_object)`` on ``.name.tmp-PID``, fsync, rename to ``path``, fsync the folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
-
-
-def remove_stale_temporaries(folder: str | Path) -> list[Path]:
-    """Delete ``.*.tmp-*`` files a killed run left behind in ``folder``; returns them."""
-    folder = Path(folder)
-    stale = list(folder.glob(".*.tmp-*")) if folder.is_dir() else []
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
+# --- checkpoints ---------------------------------------------------------------------------
 
 
 def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:

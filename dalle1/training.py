@@ -34,17 +34,16 @@ from .data import (
     ensure_dataset,
     iter_items,
     load_pairs,
-    save_grid,
     split_pairs,
 )
 from .datacheck import count_truncated, current_problems, pick_caption, use_problem_log
+from .files import atomic_write, remove_stale_temporaries
+from .images import save_grid
 from .resilience import (
     AtomicCheckpointIO,
     DataReportCallback,
     ResumeStateCallback,
-    atomic_write,
     check_loss,
-    remove_stale_temporaries,
     resumable_loader,
 )
 from .text import TextTokenizer

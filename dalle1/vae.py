@@ -30,7 +30,7 @@ from einops import rearrange
 from torch import nn
 from vector_quantize_pytorch import FSQ, VectorQuantize
 
-from .config import VAEConfig
+from .config import VAEConfig, resolve_fsq_levels
 
 # ---------------------------------------------------------------------------
 # Encoder and decoder
@@ -101,134 +101,6 @@ class Decoder(nn.Module):
 # Quantizers: features -> (code vectors, indices, auxiliary loss)
 # ---------------------------------------------------------------------------
 
-
-class VQQuantizer(nn.Module):
-    """Nearest-neighbour codebook with EMA updates (vector-quantize-pytorch).
-
-    k-means initialisation, dead-code replacement and a slower EMA decay are
-    switched on, because the library's defaults (decay 0.8, no dead-code
-    replacement) leave most of a tokenizer's codebook unused.
-    """
-
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        self.in_dim = self.out_dim = cfg.codebook_dim
-        # codebook_dim == dim: with accept_image_fmap and a projection the
-        # library's get_output_from_indices is wrong; we also decode ourselves.
-        self.vq = VectorQuantize(
-            dim=cfg.codebook_dim,
-            codebook_size=cfg.codebook_size,
-            decay=cfg.vq_decay,
-            commitment_weight=cfg.vq_commitment_weight,
-            kmeans_init=cfg.vq_kmeans_init,
-            threshold_ema_dead_code=cfg.vq_dead_code_threshold,
-            use_cosine_sim=cfg.vq_cosine,
-            accept_image_fmap=True,
-        )
-
-    def forward(
-        self, z: torch.Tensor, step: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
-        quantized, indices, commit = self.vq(z)
-        return quantized, indices.flatten(1), commit.sum(), {}
-
-    @torch.no_grad()
-    def indices(self, z: torch.Tensor) -> torch.Tensor:
-        # freeze_codebook: the EMA update runs in train mode even without gradients (DESIGN §4)
-        _, indices, _ = self.vq(z, freeze_codebook=True)
-        return indices.flatten(1)
-
-    def embed(self, indices: torch.Tensor, grid: int) -> torch.Tensor:
-        codes = self.vq.project_out(self.vq.codebook[indices])  # (B, N, D)
-        return rearrange(codes, "b (h w) d -> b d h w", h=grid)
-
-
-# --- FSQ -------------------------------------------------------------------------------
-
-#: levels allowed per FSQ dimension when they are chosen automatically
-FSQ_LEVEL_CHOICES = (8, 7, 6, 5, 4, 3)
-
-
-def fsq_levels_for(codebook_size: int) -> list[int]:
-    """FSQ levels whose product is exactly ``codebook_size``.
-
-    Factors are taken from 3..8 (FSQ needs > 2 levels per dimension to be
-    useful); among the factorisations the one with the fewest dimensions wins,
-    then the most balanced one. ``256 -> [8, 8, 4]``, ``512 -> [8, 8, 8]``,
-    ``1000 -> [8, 5, 5, 5]``, ``8192 -> [8, 8, 8, 4, 4]``. Sizes with a prime
-    factor above 8 (e.g. 11, 257) have no such factorisation: a ValueError
-    names ``codebook_size`` and asks for explicit ``vae.fsq_levels``.
-    """
-    best: list[int] | None = None
-
-    def search(rest: int, largest: int, chosen: list[int]) -> None:
-        nonlocal best
-        if rest == 1:
-            key = (len(chosen), max(chosen) - min(chosen))
-            if best is None or key < (len(best), max(best) - min(best)):
-                best = list(chosen)
-            return
-        if best is not None and len(chosen) >= len(best):
-            return
-        for level in FSQ_LEVEL_CHOICES:
-            if level <= largest and rest % level == 0:
-                search(rest // level, level, [*chosen, level])
-
-    if codebook_size > 1:
-        search(codebook_size, max(FSQ_LEVEL_CHOICES), [])
-    if best is None:
-        raise ValueError(
-            f"vae.codebook_size={codebook_size} is not a product of FSQ levels between 3 and 8; "
-            "pick another codebook_size (e.g. 256, 512, 1000, 1024) or set vae.fsq_levels explicitly"
-        )
-    return best
-
-
-def resolve_fsq_levels(cfg: VAEConfig) -> list[int]:
-    """``cfg.fsq_levels`` (checked against ``codebook_size``) or the automatic choice."""
-    if not cfg.fsq_levels:
-        return fsq_levels_for(cfg.codebook_size)
-    if any(level < 2 for level in cfg.fsq_levels):
-        raise ValueError(f"vae.fsq_levels={cfg.fsq_levels}: every level must be >= 2")
-    product = math.prod(cfg.fsq_levels)
-    if product != cfg.codebook_size:
-        raise ValueError(
-            f"vae.fsq_levels={cfg.fsq_levels} imply {product} codes but vae.codebook_size={cfg.codebook_size}; "
-            "make them agree (or leave fsq_levels empty to choose levels automatically)"
-        )
-    return list(cfg.fsq_levels)
-
-
-class FSQQuantizer(nn.Module):
-    """Finite scalar quantization (Mentzer et al. 2023) via vector-quantize-pytorch ``FSQ``.
-
-    Not in the DALL-E paper: a modern alternative with no codebook to learn
-    (so nothing can go unused or drift) and no auxiliary loss. The encoder's
-    ``codebook_dim`` features are projected to ``len(levels)`` bounded scalars,
-    each rounded to one of its levels; a code is the tuple of levels, so the
-    implied codebook size is the product of the levels.
-    """
-
-    def __init__(self, cfg: VAEConfig):
-        super().__init__()
-        self.levels = resolve_fsq_levels(cfg)
-        self.in_dim = self.out_dim = cfg.codebook_dim
-        self.fsq = FSQ(levels=self.levels, dim=cfg.codebook_dim, channel_first=True)
-
-    def forward(
-        self, z: torch.Tensor, step: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
-        quantized, indices = self.fsq(z)
-        return quantized, indices.flatten(1).long(), z.new_zeros(()), {}
-
-    @torch.no_grad()
-    def indices(self, z: torch.Tensor) -> torch.Tensor:
-        return self.fsq(z)[1].flatten(1).long()
-
-    def embed(self, indices: torch.Tensor, grid: int) -> torch.Tensor:
-        return self.fsq.indices_to_codes(rearrange(indices, "b (h w) -> b h w", h=grid))
-
-
 # --- gumbel-softmax (the paper's relaxation) ---------------------------------------------
 
 
@@ -296,6 +168,85 @@ class GumbelQuantizer(nn.Module):
 
     def embed(self, indices: torch.Tensor, grid: int) -> torch.Tensor:
         return rearrange(self.codebook(indices), "b (h w) d -> b d h w", h=grid)
+
+
+# --- VQ (vector-quantize-pytorch, EMA codebook) ------------------------------------------
+
+
+class VQQuantizer(nn.Module):
+    """Nearest-neighbour codebook with EMA updates (vector-quantize-pytorch).
+
+    k-means initialisation, dead-code replacement and a slower EMA decay are
+    switched on, because the library's defaults (decay 0.8, no dead-code
+    replacement) leave most of a tokenizer's codebook unused.
+    """
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.in_dim = self.out_dim = cfg.codebook_dim
+        # codebook_dim == dim: with accept_image_fmap and a projection the
+        # library's get_output_from_indices is wrong; we also decode ourselves.
+        self.vq = VectorQuantize(
+            dim=cfg.codebook_dim,
+            codebook_size=cfg.codebook_size,
+            decay=cfg.vq_decay,
+            commitment_weight=cfg.vq_commitment_weight,
+            kmeans_init=cfg.vq_kmeans_init,
+            threshold_ema_dead_code=cfg.vq_dead_code_threshold,
+            use_cosine_sim=cfg.vq_cosine,
+            accept_image_fmap=True,
+        )
+
+    def forward(
+        self, z: torch.Tensor, step: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+        quantized, indices, commit = self.vq(z)
+        return quantized, indices.flatten(1), commit.sum(), {}
+
+    @torch.no_grad()
+    def indices(self, z: torch.Tensor) -> torch.Tensor:
+        # freeze_codebook: vector-quantize-pytorch updates its EMA codebook whenever the module
+        # is in train mode, gradients or not; a "frozen" VAE inside transformer training would
+        # otherwise drift and silently change the targets
+        _, indices, _ = self.vq(z, freeze_codebook=True)
+        return indices.flatten(1)
+
+    def embed(self, indices: torch.Tensor, grid: int) -> torch.Tensor:
+        codes = self.vq.project_out(self.vq.codebook[indices])  # (B, N, D)
+        return rearrange(codes, "b (h w) d -> b d h w", h=grid)
+
+
+# --- FSQ -------------------------------------------------------------------------------
+
+
+class FSQQuantizer(nn.Module):
+    """Finite scalar quantization (Mentzer et al. 2023) via vector-quantize-pytorch ``FSQ``.
+
+    Not in the DALL-E paper: a modern alternative with no codebook to learn
+    (so nothing can go unused or drift) and no auxiliary loss. The encoder's
+    ``codebook_dim`` features are projected to ``len(levels)`` bounded scalars,
+    each rounded to one of its levels; a code is the tuple of levels, so the
+    implied codebook size is the product of the levels.
+    """
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.levels = resolve_fsq_levels(cfg)
+        self.in_dim = self.out_dim = cfg.codebook_dim
+        self.fsq = FSQ(levels=self.levels, dim=cfg.codebook_dim, channel_first=True)
+
+    def forward(
+        self, z: torch.Tensor, step: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, float]]:
+        quantized, indices = self.fsq(z)
+        return quantized, indices.flatten(1).long(), z.new_zeros(()), {}
+
+    @torch.no_grad()
+    def indices(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fsq(z)[1].flatten(1).long()
+
+    def embed(self, indices: torch.Tensor, grid: int) -> torch.Tensor:
+        return self.fsq.indices_to_codes(rearrange(indices, "b (h w) -> b h w", h=grid))
 
 
 QUANTIZERS: dict[str, type[nn.Module]] = {
@@ -385,6 +336,14 @@ def output_to_image(out: torch.Tensor, cfg: VAEConfig) -> torch.Tensor:
 
 
 class DiscreteVAE(nn.Module):
+    """The image tokenizer: :class:`Encoder`, one quantizer of ``QUANTIZERS``, :class:`Decoder`.
+
+    ``encode(images (B, 3, H, W) in [0, 1]) -> codes (B, grid²)`` in raster order,
+    ``decode(codes) -> images``, and ``forward(images, step)`` the training loss. The
+    grid is ``image_size / 2**num_downsamples`` codes per side (paper: 256 px -> 32),
+    each code one of ``codebook_size`` (paper: 8192).
+    """
+
     def __init__(self, cfg: VAEConfig):
         super().__init__()
         if cfg.quantizer not in QUANTIZERS:

@@ -7,7 +7,7 @@ from PIL import Image
 
 from dalle1 import DALLEPipeline
 from dalle1.cli import main
-from dalle1.data import Shape, pil_to_tensor, render
+from dalle1.data import Shape, render
 from dalle1.editing import (
     Frame,
     blend_weights,
@@ -18,6 +18,7 @@ from dalle1.editing import (
     mask_to_cells,
     variation_cells,
 )
+from dalle1.images import pil_to_tensor
 from dalle1.sampling import sample_codes
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 from dalle1 import explain as ex
 from dalle1.checkpoint import load_parts
 from dalle1.cli import main
-from dalle1.data import make_grid, tensor_to_pil
+from dalle1.images import make_grid, tensor_to_pil
 from dalle1.masks import KINDS, layer_kinds, stream_mask
 from dalle1.pipeline import DALLEPipeline
 
@@ -162,7 +162,8 @@ def test_gif_and_sample_agree_with_the_pipeline(explained, tiny_model):
 
 def test_reconstructions_put_originals_above_reconstructions(parts, shapes_dir):
     _, vae, _, _ = parts
-    from dalle1.data import find_pairs, load_image
+    from dalle1.data import find_pairs
+    from dalle1.images import load_image
 
     images = torch.stack([load_image(p, vae.cfg.image_size) for p, _ in find_pairs(shapes_dir)[:3]])
     pic = ex.reconstructions_picture(vae, images, scale=1)

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from dalle1.config import Config, ConfigError, config_from_dict, load_config
-from dalle1.data import load_image
-from dalle1.datacheck import BadImageError, decode_caption_bytes, read_caption_file
+from dalle1.datacheck import decode_caption_bytes, read_caption_file
+from dalle1.images import BadImageError, load_image
 
 FAST = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

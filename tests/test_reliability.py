@@ -20,20 +20,20 @@ from torch.utils.data import DataLoader
 from dalle1.checkpoint import ModelFolderError, load_parts, load_vae, save_vae
 from dalle1.cli import main
 from dalle1.config import ConfigError, load_config
-from dalle1.data import CaptionedFolder, find_pairs, load_image, make_shapes_dataset
+from dalle1.data import CaptionedFolder, find_pairs, make_shapes_dataset
 from dalle1.datacheck import (
     MAX_CAPTION_CHARS,
-    BadImageError,
     DataProblems,
     check_folder,
     read_caption_file,
 )
+from dalle1.files import atomic_write
+from dalle1.images import BadImageError, load_image
 from dalle1.resilience import (
     AtomicCheckpointIO,
     CheckpointError,
     NonFiniteLossError,
     ResumableSampler,
-    atomic_write,
     check_loss,
     safe_torch_load,
 )

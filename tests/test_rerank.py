@@ -169,7 +169,7 @@ def test_self_ranking_without_a_scorer(tiny_model):
 
 
 def test_classify_cli_agrees_with_zero_shot(clip_model, shapes_dir, capsys):
-    from dalle1.data import load_image
+    from dalle1.images import load_image
 
     files = sorted(str(p) for p in shapes_dir.glob("*.png"))[:3]
     labels = ["circle", "square", "triangle"]

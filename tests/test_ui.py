@@ -76,7 +76,7 @@ def test_edit_keeps_the_codes_outside_the_box(pipe, shapes_dir):
     out = pipe(
         "a red circle", image=image, box=(0, size // 2, size, size), candidates=2, composite=False
     )
-    from dalle1.data import pil_to_tensor
+    from dalle1.images import pil_to_tensor
 
     kept = pipe.vae.encode(pil_to_tensor(image, size)[None])[0][: grid * grid // 2]
     assert all(torch.equal(c[: grid * grid // 2], kept) for c in out.codes)

@@ -9,12 +9,11 @@ import torch
 
 from dalle1.checkpoint import save_vae
 from dalle1.cli import main
-from dalle1.config import ConfigError, VAEConfig, load_config
+from dalle1.config import ConfigError, VAEConfig, fsq_levels_for, load_config
 from dalle1.vae import (
     QUANTIZERS,
     DiscreteVAE,
     beta_at,
-    fsq_levels_for,
     logit_laplace_nll,
     map_pixels,
     output_to_image,
