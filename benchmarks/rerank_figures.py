@@ -23,16 +23,8 @@ from pathlib import Path
 import torch
 
 from dalle1.config import DataConfig
-from dalle1.data import (
-    BACKGROUND,
-    COLORS,
-    PLACES,
-    SHAPES,
-    SIZES,
-    CaptionedFolder,
-    find_pairs,
-    split_pairs,
-)
+from dalle1.data import CaptionedFolder, find_pairs, split_pairs
+from dalle1.data.shapes import BACKGROUND, COLORS, PLACES, SHAPES, SIZES
 from dalle1.pipeline import DALLEPipeline
 from dalle1.rerank import load_clip, rank, retrieval_accuracy, zero_shot
 from dalle1.text import TextTokenizer

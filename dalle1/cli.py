@@ -315,7 +315,8 @@ def add_data_check_args(sub) -> None:
 
 def run_data_check(args: argparse.Namespace) -> None:
     """Exit status 0 if every image would be used, 1 if some would be skipped."""
-    from .datacheck import DataProblems, check_folder, format_report
+    from .data.check import check_folder, format_report
+    from .data.problems import DataProblems
 
     usable, problems = check_folder(args.dir, args.image_size)
     if args.skipped_only:
@@ -354,7 +355,8 @@ def add_data_format_args(sub) -> None:
 
 def run_data_format(args: argparse.Namespace) -> None:
     from .config import DataConfig
-    from .data import data_format, load_pairs, write_shards
+    from .data import data_format, load_pairs
+    from .data.shards import write_shards
 
     if args.data_command == "shard":
         cfg = DataConfig(path=args.src)
@@ -368,7 +370,7 @@ def run_data_format(args: argparse.Namespace) -> None:
         out = encode_data(args.model, DataConfig(path=args.data), args.out, args.batch_size)
         print(f"wrote codes to {out} (train with data.codes={out})")
     elif args.data_command == "emoji":
-        from .emoji import make_emoji_dataset
+        from .data.emoji import make_emoji_dataset
 
         count = make_emoji_dataset(args.out, args.size, font_path=args.font, limit=args.limit)
         print(f"wrote {count} captioned emoji to {args.out}")

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from .datacheck import pick_caption
+from .data.captions import pick_caption
 from .files import atomic_write
 from .vae import DiscreteVAE
 

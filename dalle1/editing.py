@@ -18,7 +18,7 @@ Region rules (the diffusers convention): a box is ``(x0, y0, x1, y1)`` in
 pixels of the input image with ``x1``/``y1`` exclusive (like PIL's crop); in a
 mask image white pixels are repainted and black ones kept; a code cell is
 repainted if *any* of its pixels is. The input is fitted to the model's square
-exactly as :func:`dalle1.data.pil_to_tensor` does (shorter side resized, centre
+exactly as :func:`dalle1.images.pil_to_tensor` does (shorter side resized, centre
 crop), and regions are mapped through the same transform with exact rational
 arithmetic, so a box and a mask covering the same pixels give the same cells.
 
@@ -66,8 +66,8 @@ PAPER_PRIME_ROWS = Fraction(15, 32)
 class Frame:
     """How an input image of ``width`` x ``height`` lands on the model's ``size`` square.
 
-    The geometry of :func:`dalle1.data.pil_to_tensor`, from
-    :func:`dalle1.data.fit_geometry`: resize so the shorter side is ``size`` (to
+    The geometry of :func:`dalle1.images.pil_to_tensor`, from
+    :func:`dalle1.images.fit_geometry`: resize so the shorter side is ``size`` (to
     ``resized_w`` x ``resized_h``), then crop the centre square at (``left``, ``top``).
     """
 

@@ -38,7 +38,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from .data import find_pairs, read_captions
+from .data import find_pairs
+from .data.captions import read_captions
 from .images import load_image, make_grid, tensor_to_pil
 from .masks import KINDS, image_mask, layer_kinds, stream_mask
 from .text import TextTokenizer

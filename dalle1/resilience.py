@@ -39,7 +39,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Sampler
 
-from .datacheck import DataProblems
+from .data.problems import DataProblems
 from .files import atomic_write
 
 log = logging.getLogger("dalle1")
@@ -275,7 +275,7 @@ def check_loss(loss: torch.Tensor, policy: str, step: int, where: str = "") -> b
 class DataReportCallback(L.Callback):
     """At every epoch end (and at the end of training): how many files were skipped, which.
 
-    Reads the run's :class:`~dalle1.datacheck.DataProblems` log, which worker
+    Reads the run's :class:`~dalle1.data.problems.DataProblems` log, which worker
     processes append to as well, prints one line and logs the counts
     (``data_skipped_files``, ``data_converted_files``) to the trainer's logger.
     """

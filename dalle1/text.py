@@ -119,3 +119,8 @@ class TextTokenizer:
     def num_tokens(self, caption: str) -> int:
         """How many BPE tokens a caption takes before truncation."""
         return len(self.tokenizer.encode(caption, add_special_tokens=False).ids)
+
+    def count_truncated(self, captions: Iterable[str]) -> int:
+        """How many captions take more BPE tokens than ``text_len`` (they are cut there)."""
+        encodings = self.tokenizer.encode_batch(list(captions), add_special_tokens=False)
+        return sum(len(e.ids) > self.text_len for e in encodings)

@@ -31,12 +31,13 @@ from .data import (
     CaptionedFolder,
     ShardDataset,
     data_format,
-    ensure_dataset,
     iter_items,
     load_pairs,
     split_pairs,
 )
-from .datacheck import count_truncated, current_problems, pick_caption, use_problem_log
+from .data.captions import pick_caption
+from .data.problems import current_problems, use_problem_log
+from .data.sources import ensure_dataset
 from .files import atomic_write, remove_stale_temporaries
 from .images import save_grid
 from .resilience import (
@@ -448,7 +449,7 @@ def _fit_dalle(
 
 def report_truncated(tokenizer: TextTokenizer, captions: list[str]) -> int:
     """Warn (once per run) how many captions the tokenizer cuts at ``text.text_len`` tokens."""
-    n = count_truncated(tokenizer, captions)
+    n = tokenizer.count_truncated(captions)
     if n:
         print(
             f"dalle1: data: {n} of {len(captions)} caption lines are longer than "

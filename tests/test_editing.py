@@ -7,7 +7,7 @@ from PIL import Image
 
 from dalle1 import DALLEPipeline
 from dalle1.cli import main
-from dalle1.data import Shape, render
+from dalle1.data.shapes import Shape, render
 from dalle1.editing import (
     Frame,
     blend_weights,

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from dalle1.config import Config, ConfigError, config_from_dict, load_config
-from dalle1.datacheck import decode_caption_bytes, read_caption_file
+from dalle1.data.captions import decode_caption_bytes, read_caption_file
 from dalle1.images import BadImageError, load_image
 
 FAST = settings(

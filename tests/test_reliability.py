@@ -21,12 +21,9 @@ from dalle1.checkpoint import ModelFolderError, load_parts, load_vae, save_vae
 from dalle1.cli import main
 from dalle1.config import ConfigError, load_config
 from dalle1.data import CaptionedFolder, find_pairs, make_shapes_dataset
-from dalle1.datacheck import (
-    MAX_CAPTION_CHARS,
-    DataProblems,
-    check_folder,
-    read_caption_file,
-)
+from dalle1.data.captions import MAX_CAPTION_CHARS, read_caption_file
+from dalle1.data.check import check_folder
+from dalle1.data.problems import DataProblems
 from dalle1.files import atomic_write
 from dalle1.images import BadImageError, load_image
 from dalle1.resilience import (
@@ -142,13 +139,12 @@ def test_caption_rules(bad_folder, tmp_path):
 
 
 def test_overlong_caption_is_truncated_by_the_tokenizer():
-    from dalle1.datacheck import count_truncated
     from dalle1.text import TextTokenizer
 
     tok = TextTokenizer.train(["a red circle", "a blue square"] * 10, 280, text_len=6)
     long = "a red circle " * 50
     assert tok.encode(long).shape == (1, 6) and tok.num_tokens(long) > 6
-    assert count_truncated(tok, [long, "a red circle"]) == 1
+    assert tok.count_truncated([long, "a red circle"]) == 1
 
 
 def test_bad_images_raise_one_error_type(bad_folder):
