@@ -22,11 +22,14 @@ from pathlib import Path
 
 import torch
 
+from dalle1.checkpoint import load_clip
+from dalle1.clip import zero_shot
 from dalle1.config import DataConfig
 from dalle1.data import CaptionedFolder, find_pairs, split_pairs
 from dalle1.data.shapes import BACKGROUND, COLORS, PLACES, SHAPES, SIZES
+from dalle1.evaluation import retrieval_accuracy
 from dalle1.pipeline import DALLEPipeline
-from dalle1.rerank import load_clip, rank, retrieval_accuracy, zero_shot
+from dalle1.rerank import rank
 from dalle1.text import TextTokenizer
 
 

@@ -7,7 +7,8 @@
       vae/model.safetensors
       dalle/config.json      DALLEConfig + the stream shape (vocabularies, lengths, grid)
       dalle/model.safetensors
-      clip/...               optional reranker, same layout
+      clip/config.json       optional reranker (dalle1.clip.CLIPScorer) + its text shape
+      clip/model.safetensors
 
 Weights are only ever read with safetensors (no pickle, so no code runs on
 load); configs and the tokenizer are parsed as JSON. Folders are written under
@@ -23,7 +24,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
-from .config import Config, DALLEConfig, VAEConfig, build_section, config_from_dict
+from .clip import CLIPScorer
+from .config import CLIPConfig, Config, DALLEConfig, VAEConfig, build_section, config_from_dict
 from .files import atomic_folder
 from .text import TextTokenizer
 from .transformer import DALLE, StreamShape
@@ -75,13 +77,22 @@ def load_weights(module: torch.nn.Module, folder: Path) -> torch.nn.Module:
 # --- components ---------------------------------------------------------------------------
 
 
+def component_folder(folder: str | Path, name: str) -> Path:
+    """``folder/name`` (a part of a model folder) when it exists, else ``folder`` itself.
+
+    So ``load_vae`` (``name="vae"``) and ``load_clip`` accept a whole model folder or
+    just its part.
+    """
+    folder = Path(folder)
+    return folder / name if (folder / name).is_dir() else folder
+
+
 def save_vae(vae: DiscreteVAE, folder: Path) -> None:
     save_component(vae, asdict(vae.cfg), folder)
 
 
 def load_vae(folder: str | Path) -> DiscreteVAE:
-    folder = Path(folder)
-    sub = folder / "vae" if (folder / "vae").is_dir() else folder
+    sub = component_folder(folder, "vae")
     cfg = build_section(VAEConfig, read_json(sub / "config.json"), "vae.")
     return load_weights(DiscreteVAE(cfg), sub).eval()
 
@@ -116,6 +127,37 @@ def export_model(
         for name, module in (extra or {}).items():
             save_component(module, getattr(module, "export_config", dict)(), tmp / name)
     return Path(out)
+
+
+def load_clip(folder: str | Path) -> CLIPScorer:
+    """Load ``folder/clip`` (or ``folder`` itself when it holds the clip's config.json)."""
+    sub = component_folder(folder, "clip")
+    data = read_json(sub / "config.json")
+    try:
+        shape = {k: data.pop(k) for k in ("text_vocab", "text_len", "bpe_vocab", "image_size")}
+    except KeyError as err:
+        raise ModelFolderError(f"'{sub / 'config.json'}' lacks the key {err}") from None
+    cfg = build_section(CLIPConfig, data, "clip.")
+    return load_weights(CLIPScorer(cfg, **shape), sub).eval()
+
+
+def check_clip_fits(clip: CLIPScorer, tokenizer: TextTokenizer) -> None:
+    """Raise ModelFolderError when the scorer reads another text shape than the tokenizer."""
+    for name, a, b in (
+        ("text vocabulary", clip.text_vocab, tokenizer.vocab_size),
+        ("text length", clip.text_len, tokenizer.text_len),
+    ):
+        if a != b:
+            raise ModelFolderError(
+                f"model folder parts disagree: clip {name} = {a} but tokenizer {name} = {b}"
+            )
+
+
+def save_clip(clip: CLIPScorer, model: str | Path) -> Path:
+    """Add (or replace) ``model/clip`` atomically; nothing else in the folder changes."""
+    with atomic_folder(Path(model) / "clip") as tmp:
+        save_component(clip, clip.export_config(), tmp)
+    return Path(model) / "clip"
 
 
 def load_config_json(folder: str | Path) -> Config:

@@ -397,6 +397,19 @@ def scoring_sample_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
+def parse_list(value: str) -> list[str]:
+    """A comma-separated list, or the path of a file with one item per line."""
+    path = Path(value)
+    if path.is_file():
+        items = [line.strip() for line in path.read_text().splitlines()]
+    else:
+        items = [item.strip() for item in value.split(",")]
+    items = [item for item in items if item and not item.startswith("#")]
+    if not items:
+        raise ValueError(f"'{value}' names no items (give a comma-separated list or a file)")
+    return items
+
+
 def add_classify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder with clip/ (train stage clip)")
     p.add_argument(
@@ -420,9 +433,9 @@ def run_classify(args: argparse.Namespace) -> None:
 
     import torch
 
+    from .clip import zero_shot
     from .images import load_image
     from .pipeline import DALLEPipeline
-    from .rerank import parse_list, zero_shot
 
     pipe = DALLEPipeline.from_pretrained(args.model, device=args.device)
     if pipe.clip is None:
@@ -475,8 +488,8 @@ def run_eval(args: argparse.Namespace) -> None:
     """Held-out bits per token, scorer figures with and without reranking, label accuracy."""
     import json
 
+    from .apps.evaluate import evaluate, read_prompts
     from .pipeline import DALLEPipeline
-    from .rerank import evaluate, read_prompts
 
     prompts = read_prompts(args.prompts)
     pipe = DALLEPipeline.from_pretrained(args.model, device=args.device)
@@ -522,8 +535,8 @@ def run_synth(args: argparse.Namespace) -> None:
     """Synthesize a labelled ImageFolder dataset, filtered by score; resumable."""
     import json
 
+    from .apps.synth import synthesize
     from .pipeline import DALLEPipeline
-    from .rerank import parse_list, synthesize
 
     classes = parse_list(args.classes)
     if args.templates is None:
@@ -619,8 +632,8 @@ def run_eval_vae(args: argparse.Namespace) -> None:
 
     from .checkpoint import load_vae
     from .data import CaptionedFolder, find_pairs
+    from .evaluation import evaluate_vae
     from .images import save_grid
-    from .training import evaluate_vae
 
     if args.limit < 0 or args.batch_size < 1 or args.grid < 0:
         raise ValueError("--limit, --grid must be >= 0 and --batch-size >= 1")

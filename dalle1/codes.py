@@ -29,6 +29,9 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from .checkpoint import component_folder, load_vae
+from .config import DataConfig
+from .data import data_format, iter_items, load_pairs
 from .data.captions import pick_caption
 from .files import atomic_write
 from .vae import DiscreteVAE
@@ -38,8 +41,7 @@ CODES_FILE, CAPTIONS_FILE, META_FILE = "codes.npy", "captions.jsonl", "meta.json
 
 def weights_digest(vae_folder: str | Path) -> str:
     """SHA-256 of a VAE's ``model.safetensors`` (the model folder or its ``vae/`` part)."""
-    folder = Path(vae_folder)
-    sub = folder / "vae" if (folder / "vae").is_dir() else folder
+    sub = component_folder(vae_folder, "vae")
     digest = hashlib.sha256()
     with open(sub / "model.safetensors", "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -139,7 +141,8 @@ class CodesFile:
 
 class CodesDataset(Dataset):
     """(codes, caption) rows of a codes folder; the caption line is re-drawn every time
-    (seeded per draw by the resumable sampler, like :class:`dalle1.training.EncodedCaptions`)."""
+    (seeded per draw by the resumable sampler, like
+    :class:`dalle1.training.datamodule.EncodedCaptions`)."""
 
     def __init__(self, store: CodesFile, rows: list[int] | None = None):
         self.store = store
@@ -156,15 +159,12 @@ class CodesDataset(Dataset):
 
 def encode_data(
     vae_folder: str | Path,
-    data_cfg,
+    data_cfg: DataConfig,
     out: str | Path,
     batch_size: int = 64,
     progress: bool = True,
 ) -> Path:
     """``dalle1 data encode``: every image of ``data_cfg`` (any format) -> a codes folder."""
-    from .checkpoint import load_vae
-    from .data import data_format, iter_items, load_pairs
-
     vae = load_vae(vae_folder)
     fmt = data_format(data_cfg)
     pairs = None if fmt == "webdataset" else load_pairs(data_cfg)

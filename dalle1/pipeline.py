@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .checkpoint import load_parts
+from .checkpoint import check_clip_fits, load_clip, load_parts
+from .clip import CLIPScorer
 from .config import Config
 from .images import tensor_to_pil
-from .rerank import CLIPScorer, check_clip_fits, load_clip, rank, self_scores
+from .rerank import candidate_scores, rank
 from .sampling import sample_codes
 from .text import TextTokenizer
 from .transformer import DALLE
@@ -166,10 +167,7 @@ class DALLEPipeline:
         images = self.vae.decode(codes)
         scores = None
         if rerank or score:
-            if self.clip is not None:
-                scores = self.clip.similarity(images, text)
-            else:
-                scores = self_scores(self.dalle, text, codes)
+            scores = candidate_scores(images, text, codes, self.dalle, self.clip)
         if rerank:
             order = rank(scores, num_images, keep).to(codes.device)
             images, codes, scores = images[order], codes[order], scores[order.cpu()]

@@ -27,7 +27,8 @@ from dalle1.data import (
 from dalle1.data.emoji import find_font, make_emoji_dataset, parse_emoji_test
 from dalle1.data.manifest import read_manifest, write_manifest
 from dalle1.data.shards import iter_tar_samples, shard_paths
-from dalle1.training import encode_dataset, fit
+from dalle1.evaluation import encode_dataset
+from dalle1.training import fit
 
 N = 13  # samples; not a multiple of the shard size, so the last shard is short
 

@@ -26,7 +26,8 @@ from dalle1.data.check import check_folder
 from dalle1.data.problems import DataProblems
 from dalle1.files import atomic_write
 from dalle1.images import BadImageError, load_image
-from dalle1.resilience import (
+from dalle1.training import fit
+from dalle1.training.resilience import (
     AtomicCheckpointIO,
     CheckpointError,
     NonFiniteLossError,
@@ -34,7 +35,6 @@ from dalle1.resilience import (
     check_loss,
     safe_torch_load,
 )
-from dalle1.training import fit
 from dalle1.vae import DiscreteVAE
 
 SIZE = 16
@@ -339,18 +339,20 @@ def test_check_loss_policies():
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_nan_loss_in_training(policy, shapes_dir, tmp_path, monkeypatch, capfd):
-    from dalle1 import training
+    import lightning as L
 
-    real = training.VAEModule.training_step
+    from dalle1.training.systems import VAEModule
+
+    real = VAEModule.training_step
 
     def poisoned(self, batch, batch_idx):
         loss = real(self, batch, batch_idx)
         return loss * float("nan") if self.global_step == 2 else loss
 
-    monkeypatch.setattr(training.VAEModule, "training_step", poisoned)
+    monkeypatch.setattr(VAEModule, "training_step", poisoned)
     weights = {}
 
-    class Watch(training.L.Callback):
+    class Watch(L.Callback):
         def on_train_batch_end(self, trainer, module, *args):
             weights[trainer.global_step] = {
                 k: v.clone() for k, v in module.state_dict().items() if "weight" in k

@@ -11,17 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from dalle1 import DALLEPipeline
+from dalle1.apps.evaluate import read_prompts
+from dalle1.checkpoint import load_clip
 from dalle1.cli import main
+from dalle1.clip import clip_loss, same_text, zero_shot
 from dalle1.config import load_config
-from dalle1.rerank import (
-    clip_loss,
-    load_clip,
-    rank,
-    read_prompts,
-    same_text,
-    self_scores,
-    zero_shot,
-)
+from dalle1.rerank import likelihood_scores, rank
 from dalle1.training import fit
 
 
@@ -157,7 +152,7 @@ def test_self_ranking_without_a_scorer(tiny_model):
     assert pipe.clip is None
     out = pipe("a green triangle", num_images=4, seed=1, rerank=True)
     assert sorted(out.seeds) == [1, 2, 3, 4]
-    want = self_scores(pipe.dalle, pipe.tokenizer.encode(out.prompts), out.codes)
+    want = likelihood_scores(pipe.dalle, pipe.tokenizer.encode(out.prompts), out.codes)
     assert out.scores == pytest.approx(want.tolist(), abs=1e-5)
     assert out.scores == sorted(out.scores, reverse=True)
     assert all(s <= 0 for s in out.scores)  # mean log-probabilities

@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 
 from dalle1.config import load_config
 from dalle1.data import make_shapes_dataset
-from dalle1.resilience import safe_torch_load
 from dalle1.training import fit
+from dalle1.training.resilience import safe_torch_load
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -39,8 +39,8 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Sampler
 
-from .data.problems import DataProblems
-from .files import atomic_write
+from ..data.problems import DataProblems
+from ..files import atomic_write
 
 log = logging.getLogger("dalle1")
 

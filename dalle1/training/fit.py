@@ -1,0 +1,277 @@
+"""``fit(config)``: train the stage the config names and export a model folder.
+
+DALL-E 1 trains in two stages (paper section 2): first the image tokenizer
+(``stage: vae``), then the transformer over [text | image] tokens with the
+tokenizer frozen (``stage: dalle``); dalle1 adds a third, the reranking scorer
+(``stage: clip``), which adds ``clip/`` to a trained model folder. ``fit`` writes
+Lightning checkpoints (for ``--resume``) and logs under ``train.out_dir``, the
+held-out figures to ``train.out_dir/metrics.json``, and exports the model folder
+to ``train.out_dir/model``.
+
+Multi-GPU / multi-node training is Lightning's job: ``train.strategy``,
+``train.devices`` and ``train.num_nodes`` go straight to its ``Trainer``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+
+from ..checkpoint import ModelFolderError, export_model, load_vae, read_json, save_clip
+from ..clip import CLIPScorer
+from ..config import Config
+from ..data import data_format, load_pairs, split_pairs
+from ..data.problems import current_problems, use_problem_log
+from ..data.sources import ensure_dataset
+from ..evaluation import evaluate_dalle, evaluate_vae, retrieval_accuracy
+from ..files import atomic_write, remove_stale_temporaries
+from ..text import TextTokenizer
+from ..transformer import StreamShape
+from .datamodule import CodesDataModule, ImagesDataModule
+from .resilience import AtomicCheckpointIO, DataReportCallback, ResumeStateCallback
+from .systems import CLIPModule, DALLEModule, VAEModule
+
+# Lightning 2.6 warns about its own use of torch's pytree API on every run; not ours to fix.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def fit(config: Config, resume: bool = False, callbacks: list | None = None) -> Path:
+    """Train the stage ``config.train.stage`` names; returns the exported model folder.
+
+    ``data.format`` (or what ``data.path`` looks like) picks the reader: a folder
+    or a manifest is listed and split once; WebDataset shards are streamed (the
+    VAE stage reads them directly, split across ranks; the transformer stage
+    encodes them once, or reads ``data.codes`` from ``dalle1 data encode``).
+    ``callbacks`` are extra Lightning callbacks for the trainer.
+    """
+    t = config.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    L.seed_everything(t.seed, workers=True, verbose=False)
+    out = Path(t.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_json(out / "config.json")
+    remove_stale_temporaries(out / "checkpoints")  # half-written files of a killed run
+    # files skipped / converted: this run's record, appended to by DataLoader workers too
+    (out / "data_problems.jsonl").unlink(missing_ok=True)
+    use_problem_log(out / "data_problems.jsonl")
+    fmt = data_format(config.data)
+    if fmt == "folder":  # the built-in set is written as a folder
+        ensure_dataset(config.data)
+    train_pairs = val_pairs = None  # stay None for streamed shards and for pre-encoded codes
+    if fmt != "webdataset" and not (t.stage == "dalle" and config.data.codes):
+        pairs = load_pairs(config.data)
+        train_pairs, val_pairs = split_pairs(pairs, config.data.val_fraction, config.data.seed)
+    ckpt_path = _resume_path(out) if resume else None
+    if t.stage == "vae":
+        return _fit_vae(config, out, train_pairs, val_pairs, ckpt_path, callbacks)
+    if t.stage == "dalle":
+        return _fit_dalle(config, out, train_pairs, val_pairs, ckpt_path, callbacks)
+    if train_pairs is None:
+        raise ValueError(f"train.stage {t.stage} reads a folder or a manifest, not shards")
+    return fit_clip(config, out, train_pairs, val_pairs, ckpt_path)
+
+
+def _resume_path(out: Path) -> str:
+    last = out / "checkpoints" / "last.ckpt"
+    if not last.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at '{last}'")
+    return str(last)
+
+
+def _write_metrics(out: Path, metrics: dict) -> None:
+    """``out/metrics.json`` (the held-out figures of the run), also printed as one line."""
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics))
+
+
+def _fit_vae(config: Config, out: Path, train_pairs, val_pairs, ckpt_path, callbacks=None) -> Path:
+    module = VAEModule(config)
+    trainer = make_trainer(config, out, callbacks)
+    data = ImagesDataModule(config, config.vae.image_size, train_pairs, val_pairs)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    vae = module.vae.eval()
+    if trainer.is_global_zero:
+        _write_metrics(out, evaluate_vae(vae, data.val_set))
+    return export_model(out / "model", config, vae) if trainer.is_global_zero else out / "model"
+
+
+def _fit_dalle(
+    config: Config, out: Path, train_pairs, val_pairs, ckpt_path, callbacks=None
+) -> Path:
+    if not config.dalle.vae:
+        raise ValueError(
+            "dalle.vae must name the model folder of a trained image tokenizer (train stage: vae first)"
+        )
+    vae = load_vae(config.dalle.vae)
+    if vae.cfg.image_size != config.data.image_size:
+        raise ValueError(
+            f"data.image_size = {config.data.image_size} but the VAE in '{config.dalle.vae}' was trained at {vae.cfg.image_size}"
+        )
+    data = CodesDataModule(config, vae, train_pairs, val_pairs)
+    data.setup("fit")  # the codes' captions train the tokenizer, which the model's shape needs
+    caption_lines = data.caption_lines()
+    tokenizer = _tokenizer(config, out, caption_lines)
+    report_truncated(tokenizer, caption_lines)
+    data.connect(tokenizer)
+    shape = StreamShape(
+        tokenizer.vocab_size, tokenizer.text_len, vae.codebook_size, vae.grid_size, tokenizer.bos_id
+    )
+    module = DALLEModule(config, shape, tokenizer.pad_row())
+    trainer = make_trainer(config, out, callbacks)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    dalle = module.dalle.eval()
+    if trainer.is_global_zero and data.val_codes is not None:
+        _write_metrics(out, evaluate_dalle(dalle, tokenizer, data.val_codes, data.val_captions))
+    return (
+        export_model(out / "model", config, vae, dalle, tokenizer)
+        if trainer.is_global_zero
+        else out / "model"
+    )
+
+
+def fit_clip(config: Config, out: Path, train_pairs: list, val_pairs: list, ckpt_path) -> Path:
+    """Train the scorer on the captioned data and add it as ``clip/`` to ``clip.model``.
+
+    The tokenizer and the text shape come from that model folder, so the scorer reads
+    exactly the ids the transformer reads. The folder gains ``clip/`` atomically
+    (:func:`dalle1.checkpoint.save_clip`); nothing else in it changes.
+    """
+    model = Path(config.clip.model) if config.clip.model else None
+    if model is None:
+        raise ValueError(
+            "clip.model must name the model folder to add the scorer to (a trained transformer)"
+        )
+    if not (model / "tokenizer.json").exists() or not (model / "dalle" / "config.json").exists():
+        raise ModelFolderError(
+            f"clip.model '{model}' is not a model folder with tokenizer.json and dalle/"
+        )
+    text_len = read_json(model / "dalle" / "config.json")["stream"]["text_len"]
+    tokenizer = TextTokenizer.load(model / "tokenizer.json", text_len)
+    size = config.clip.image_size or config.data.image_size
+    clip = CLIPScorer(
+        config.clip, tokenizer.vocab_size, tokenizer.text_len, tokenizer.bpe_vocab_size, size
+    )
+    module = CLIPModule(config, clip)
+    trainer = make_trainer(config, out)
+    # held-out pairs for retrieval; with none held out, all training pairs
+    data = ImagesDataModule(config, size, train_pairs, val_pairs, tokenizer, val_stand_in=None)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    clip = module.clip.eval()
+    if not trainer.is_global_zero:
+        return model
+    held = data.val_set
+    if len(held) >= 32:
+        images = torch.stack([held[i][0] for i in range(len(held))])
+        captions = [(c or [""])[0] for c in held.captions]
+        _write_metrics(out, retrieval_accuracy(clip, tokenizer, images, captions))
+    save_clip(clip, model)
+    return model
+
+
+def report_truncated(tokenizer: TextTokenizer, captions: list[str]) -> int:
+    """Warn (once per run) how many captions the tokenizer cuts at ``text.text_len`` tokens."""
+    n = tokenizer.count_truncated(captions)
+    if n:
+        print(
+            f"dalle1: data: {n} of {len(captions)} caption lines are longer than "
+            f"text.text_len={tokenizer.text_len} tokens and are truncated",
+            file=sys.stderr,
+        )
+    return n
+
+
+def _tokenizer(config: Config, out: Path, captions: list[str]) -> TextTokenizer:
+    """Train the BPE on the training captions once; a resumed run reloads the same one."""
+    path = out / "tokenizer.json"
+    tx = config.text
+    if path.exists():
+        return TextTokenizer.load(path, tx.text_len, tx.bpe_dropout)
+    tokenizer = TextTokenizer.train(
+        captions, tx.vocab_size, tx.text_len, tx.bpe_dropout, tx.lowercase
+    )
+    # a run killed here never leaves half a tokenizer for --resume
+    atomic_write(path, lambda fh: fh.write(tokenizer.tokenizer.to_str(pretty=True).encode()))
+    return tokenizer
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar over optimizer steps (``train.max_steps``) instead of one per epoch.
+
+    Runs here are measured in steps, and epochs are open-ended (``max_epochs=-1``),
+    so Lightning's per-epoch bar would show "Epoch 8/-2" and restart every epoch.
+    """
+
+    def __init__(self, description: str, refresh_rate: int = 5):
+        super().__init__(refresh_rate=refresh_rate)
+        self.description = description
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.train_progress_bar.reset(total=trainer.max_steps)
+        self.train_progress_bar.n = trainer.global_step  # a resumed run starts part-way
+        self.train_progress_bar.set_description(self.description)
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        pass  # keep the one bar across epochs
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        if trainer.global_step != bar.n and self._should_update(trainer.global_step, bar.total):
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        pass  # the bar closes at the end of training, not of an epoch
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.train_progress_bar.n = trainer.global_step
+        self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+        self.train_progress_bar.close()
+
+
+def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.Trainer:
+    t = config.train
+    ckpt = ModelCheckpoint(
+        dirpath=out / "checkpoints", every_n_train_steps=t.ckpt_every, save_last=True, save_top_k=1
+    )
+    bar = StepProgressBar(f"training {t.stage}")
+    return L.Trainer(
+        default_root_dir=out,
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.grad_clip or None,
+        log_every_n_steps=t.log_every,
+        logger=CSVLogger(out, name="logs", version=""),
+        callbacks=[
+            ckpt,
+            ResumeStateCallback(),
+            DataReportCallback(current_problems()),
+            *([bar] if t.progress_bar else []),
+            *(callbacks or []),
+        ],
+        # atomic (temp + fsync + rename) saves, weights-only loads; sharded strategies keep theirs
+        plugins=[] if _sharded(t.strategy) else [AtomicCheckpointIO()],
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+
+
+def _sharded(strategy) -> bool:
+    return isinstance(strategy, str) and any(k in strategy for k in ("fsdp", "deepspeed"))

@@ -1,0 +1,117 @@
+"""The Lightning systems: one LightningModule per training stage (paper section 2).
+
+``stage: vae`` trains the image tokenizer (:class:`VAEModule`), ``stage: dalle``
+the transformer over [text | image] tokens with the tokenizer frozen
+(:class:`DALLEModule`, with caption dropout for classifier-free guidance), and
+``stage: clip`` the reranking scorer (:class:`CLIPModule`). They share AdamW with
+warm-up and cosine decay and the NaN policy (:class:`StageModule`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from ..clip import CLIPScorer
+from ..config import Config, TrainConfig
+from ..images import save_grid
+from ..transformer import DALLE, StreamShape
+from ..vae import DiscreteVAE, codebook_usage, psnr
+from .resilience import check_loss
+
+
+def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak at ``max_steps``."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class StageModule(L.LightningModule):
+    """What every stage shares: AdamW with warm-up + cosine schedule, stepped per update."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+
+    def configure_optimizers(self):
+        t = self.config.train
+        opt = torch.optim.AdamW(
+            self.parameters(), lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.96)
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        """``train.nan_policy``: a NaN/Inf loss stops the run naming the step, or (``skip``)
+        gets no backward pass, so the optimizer step after it changes no weight."""
+        loop = self.trainer.fit_loop
+        where = (
+            f" (epoch {loop.epoch_progress.current.processed}, batch {loop.epoch_loop.batch_idx})"
+        )
+        if check_loss(loss, self.config.train.nan_policy, self.global_step, where):
+            super().backward(loss, *args, **kwargs)
+
+
+class VAEModule(StageModule):
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self.vae = DiscreteVAE(config.vae)
+
+    def training_step(self, batch, batch_idx):
+        images, _ = batch
+        loss, logs = self.vae(images, self.global_step)
+        self.log_dict(
+            {"loss": loss, "recon_loss": logs["recon_loss"], "aux_loss": logs["aux_loss"]},
+            prog_bar=True,
+        )
+        # quantizer scalars (gumbel: tau, beta, kl), training-batch PSNR and code use
+        extras = {k: logs[k] for k in ("tau", "beta", "kl") if k in logs}
+        extras["batch_psnr"] = psnr(logs["images"], images)
+        extras["batch_usage"] = codebook_usage(logs["codes"], self.vae.codebook_size)["usage"]
+        self.log_dict(extras)
+        every = self.config.train.sample_every
+        if every and self.global_step % every == 0 and self.trainer.is_global_zero:
+            out = Path(self.config.train.out_dir) / "pictures" / f"recon_{self.global_step:07d}.png"
+            save_grid(torch.cat([images[:8], logs["images"][:8]]), out, nrow=min(8, len(images)))
+        return loss
+
+
+class DALLEModule(StageModule):
+    def __init__(self, config: Config, shape: StreamShape, null_text: torch.Tensor):
+        super().__init__(config)
+        self.dalle = DALLE(config.dalle, shape)
+        self.register_buffer("null_text", null_text, persistent=False)
+
+    def training_step(self, batch, batch_idx):
+        text, codes = batch
+        p = self.config.dalle.p_uncond
+        if p > 0:  # caption dropout for classifier-free guidance: the caption becomes all pads
+            drop = torch.rand(text.shape[0], device=text.device) < p
+            text = torch.where(drop[:, None], self.null_text.expand_as(text), text)
+        loss, logs = self.dalle.loss(text, codes)
+        self.log_dict({"loss": loss, **logs}, prog_bar=True)
+        return loss
+
+
+class CLIPModule(StageModule):
+    """Stage ``clip``: the contrastive scorer on batches of (images, caption ids)."""
+
+    def __init__(self, config: Config, clip: CLIPScorer):
+        super().__init__(config)
+        self.clip = clip
+
+    def training_step(self, batch, batch_idx):
+        images, text = batch
+        loss, logs = self.clip(images, text)
+        self.log_dict({"loss": loss, **logs}, prog_bar=True)
+        return loss
