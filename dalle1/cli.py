@@ -12,8 +12,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from .checkpoint import ModelFolderError
 from .config import ConfigError
+from .sampling import SamplingOptions
 
 USER_ERRORS = (ConfigError, ModelFolderError, FileNotFoundError, ValueError)
 
@@ -87,7 +90,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
 
 @command("sample", add_sample_args)
 def run_sample(args: argparse.Namespace) -> None:
-    from .images import save_grid, stack_images
+    from .images import save_grid
     from .pipeline import DALLEPipeline
 
     if args.image is not None or edit_mode_flags(args):
@@ -118,13 +121,7 @@ def run_sample(args: argparse.Namespace) -> None:
         image.save(out / name)
         tail = "" if score is None else f"\tscore={score:.4f}"
         lines.append(f"{name}\tseed={seed}{tail}\t{prompt}")
-    size = pipe.vae.cfg.image_size
-    save_grid(
-        stack_images(result.images, size),
-        out / "grid.png",
-        nrow=per_prompt,
-        scale=args.scale,
-    )
+    save_grid(result.pixels, out / "grid.png", nrow=per_prompt, scale=args.scale)
     rows = [f"row {r + 1}: {p}" for r, p in enumerate(args.prompt)]
     (out / "captions.txt").write_text("\n".join(rows + [""] + lines) + "\n")
     print(f"wrote {len(result.images)} images and grid.png to {out}")
@@ -249,14 +246,9 @@ def run_edit(args: argparse.Namespace) -> None:
     for i, (image, seed, score) in enumerate(zip(result.images, result.seeds, result.scores)):
         image.save(out / f"{i:02d}.png")
         lines.append(f"{i:02d}.png\tseed={seed}\tscore={score:.4f}")
-    size = pipe.vae.cfg.image_size
-    panels = [result.original, result.mask, *result.images]
-    save_grid(
-        stack_images(panels, size),
-        out / "grid.png",
-        nrow=len(panels),
-        scale=args.scale,
-    )
+    references = stack_images([result.original, result.mask], pipe.vae.cfg.image_size)
+    panels = torch.cat([references, result.pixels.to(references.device)])
+    save_grid(panels, out / "grid.png", nrow=len(panels), scale=args.scale)
     header = [
         f"prompt: {prompts[0]!r}",
         "grid.png: original, mask (white = repainted), then candidates best first",
@@ -388,13 +380,8 @@ def add_scoring_sample_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
-def scoring_sample_kwargs(args: argparse.Namespace) -> dict:
-    return {
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "cond_scale": args.cond_scale,
-    }
+def sampling_options(args: argparse.Namespace) -> SamplingOptions:
+    return SamplingOptions(args.temperature, args.top_k, args.top_p, args.cond_scale)
 
 
 def parse_list(value: str) -> list[str]:
@@ -503,7 +490,7 @@ def run_eval(args: argparse.Namespace) -> None:
         max_pairs=args.max_pairs,
         templates=args.template,
         seed=args.seed,
-        **scoring_sample_kwargs(args),
+        options=sampling_options(args),
     )
     text = json.dumps(result, indent=2)
     if args.out:
@@ -555,7 +542,7 @@ def run_synth(args: argparse.Namespace) -> None:
         min_score=args.min_score,
         seed=args.seed,
         batch_size=args.batch_size,
-        **scoring_sample_kwargs(args),
+        options=sampling_options(args),
     )
     print(json.dumps(summary))
 

@@ -26,29 +26,28 @@ Compositing: a convolutional decoder smears any change of codes a few pixels
 past the changed cells, so by default the input's own pixels are pasted back
 outside the repainted cells (optionally with a soft ramp of ``feather`` pixels
 *inside* the repainted cells); pixels outside stay bit-identical.
+
+The entry points are :meth:`dalle1.pipeline.DALLEPipeline.edit`, ``complete`` and
+``variations``; everything here works on a bare :class:`~dalle1.transformer.DALLE`,
+code grids and tensors.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .images import ImageInput, fit_geometry, load_input, pil_to_tensor, tensor_to_pil
-from .pipeline import DALLEOutput
-from .sampling import sample_codes
+from .images import ImageInput, fit_geometry, load_input
+from .sampling import SamplingOptions, sample_codes
 from .transformer import DALLE
-
-if TYPE_CHECKING:
-    from .pipeline import DALLEPipeline
 
 MaskInput = Image.Image | str | Path | np.ndarray | torch.Tensor
 Box = tuple[float, float, float, float]
@@ -218,6 +217,25 @@ def variation_cells(
     raise ValueError(f"mode must be 'random' or 'lower', got {mode!r}")
 
 
+def region_cells(
+    image: ImageInput,
+    size: int,
+    grid: int,
+    box: Box | None = None,
+    mask_image: MaskInput | None = None,
+) -> torch.Tensor:
+    """Repainted cells (grid²,) of ``image`` for a pixel ``box`` or a ``mask_image``."""
+    if (box is None) == (mask_image is None):
+        raise ValueError("give exactly one of box= or mask_image=")
+    img = load_input(image)
+    frame = Frame.of(img.width, img.height, size)
+    return (
+        box_to_cells(box, frame, grid)
+        if box is not None
+        else mask_to_cells(mask_image, frame, grid)
+    )
+
+
 # ---------------------------------------------------------------------------
 # Sampling and ranking candidates
 # ---------------------------------------------------------------------------
@@ -255,12 +273,9 @@ def sample_edits(
     original: torch.Tensor,
     repaint: torch.Tensor,
     *,
+    options: SamplingOptions = SamplingOptions(),
     candidates: int = 4,
     seed: int = 0,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    cond_scale: float = 1.0,
     null_text: torch.Tensor | None = None,
     batch_size: int | None = None,
     progress: bool = False,
@@ -311,10 +326,7 @@ def sample_edits(
         sampled = sample_codes(
             model,
             rows,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            cond_scale=cond_scale,
+            **asdict(options),
             null_text=null_text,
             generators=[torch.Generator(device).manual_seed(s) for s in batch],
             init_codes=original.expand(len(batch), -1),
@@ -359,165 +371,3 @@ def composite(
     weights = weights.to(generated)
     blend = weights * generated + (1 - weights) * original.to(generated)
     return torch.where(weights == 0, original.to(generated), blend)
-
-
-# ---------------------------------------------------------------------------
-# The pipeline-level entry points
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class EditOutput(DALLEOutput):
-    """A :class:`DALLEOutput` (candidates best first, ``scores`` set) plus what was edited."""
-
-    original: Image.Image | None = None  # the input fitted to the model's square
-    mask: Image.Image | None = None  # white = repainted cells
-    repaint: torch.Tensor | None = None  # bool (grid²,)
-    original_codes: torch.Tensor | None = None  # (grid²,)
-    generated: list[Image.Image] = field(default_factory=list)  # decoded, before compositing
-
-
-def region_cells(
-    image: ImageInput,
-    size: int,
-    grid: int,
-    box: Box | None = None,
-    mask_image: MaskInput | None = None,
-) -> torch.Tensor:
-    """Repainted cells (grid²,) of ``image`` for a pixel ``box`` or a ``mask_image``."""
-    if (box is None) == (mask_image is None):
-        raise ValueError("give exactly one of box= or mask_image=")
-    img = load_input(image)
-    frame = Frame.of(img.width, img.height, size)
-    return (
-        box_to_cells(box, frame, grid)
-        if box is not None
-        else mask_to_cells(mask_image, frame, grid)
-    )
-
-
-def _caption_row(pipe: DALLEPipeline, prompt: str | list[str] | None) -> tuple[torch.Tensor, str]:
-    if isinstance(prompt, list | tuple):
-        if len(prompt) != 1:
-            raise ValueError(f"editing takes one prompt, got {len(prompt)}")
-        prompt = prompt[0]
-    if prompt is None or prompt.strip() == "":
-        return pipe.tokenizer.pad_row().to(pipe.device), ""  # the empty caption
-    return pipe.encode_prompts([prompt])[0], prompt
-
-
-@torch.no_grad()
-def edit_image(
-    pipe: DALLEPipeline,
-    image: ImageInput,
-    prompt: str | list[str] | None,
-    *,
-    box: Box | None = None,
-    mask_image: MaskInput | None = None,
-    repaint: torch.Tensor | None = None,
-    candidates: int = 4,
-    seed: int = 0,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    cond_scale: float = 1.0,
-    composite_input: bool = True,
-    feather: int = 0,
-    batch_size: int | None = None,
-    progress: bool = False,
-) -> EditOutput:
-    """Repaint part of ``image`` for ``prompt`` (None or "" = the empty caption).
-
-    The region is a pixel ``box``, a ``mask_image`` (white = repaint) or
-    ``repaint`` cells (bool (grid²,)); exactly one. See :func:`sample_edits`
-    for the candidate ranking and its reason, and the module docstring for the
-    region and compositing rules.
-    """
-    given = sum(x is not None for x in (box, mask_image, repaint))
-    if given != 1:
-        raise ValueError("give exactly one of box=, mask_image= or repaint=")
-    size, grid = pipe.vae.cfg.image_size, pipe.vae.grid_size
-    img = load_input(image)
-    if repaint is None:
-        repaint = region_cells(img, size, grid, box=box, mask_image=mask_image)
-    repaint = repaint.bool().flatten().cpu()
-    if repaint.shape != (grid * grid,) or not repaint.any():
-        raise ValueError(f"repaint must select at least one of {grid * grid} cells")
-    text, caption = _caption_row(pipe, prompt)
-    fitted = pil_to_tensor(img, size).to(pipe.device)
-    original_codes = pipe.vae.encode(fitted[None])[0]
-    edits = sample_edits(
-        pipe.dalle,
-        text,
-        original_codes,
-        repaint,
-        candidates=candidates,
-        seed=seed,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        cond_scale=cond_scale,
-        null_text=pipe.tokenizer.pad_row().to(pipe.device),
-        batch_size=batch_size,
-        progress=progress,
-    )
-    generated = pipe.vae.decode(edits.codes)
-    pixels = cells_to_pixels(repaint, grid, size)
-    if composite_input:
-        weights = blend_weights(pixels, feather).to(pipe.device)
-        results = [composite(fitted, g, weights) for g in generated]
-    else:
-        results = list(generated)
-    mask_img = tensor_to_pil(pixels.float()[None].expand(3, -1, -1))
-    return EditOutput(
-        images=[tensor_to_pil(r) for r in results],
-        codes=edits.codes,
-        prompts=[caption] * candidates,
-        seeds=edits.seeds,
-        scores=edits.scores.tolist(),
-        original=tensor_to_pil(fitted),
-        mask=mask_img,
-        repaint=repaint,
-        original_codes=original_codes,
-        generated=[tensor_to_pil(g) for g in generated],
-    )
-
-
-def complete_image(
-    pipe: DALLEPipeline,
-    image: ImageInput,
-    prompt: str | list[str] | None,
-    *,
-    rows: int | None = None,
-    start: int | None = None,
-    **kwargs,
-) -> EditOutput:
-    """Keep the top ``rows`` rows of codes (or codes before raster ``start``) and sample the rest.
-
-    Default: the paper's 15 of 32 rows (section 3.3), scaled to the grid. Other
-    keyword arguments are those of :func:`edit_image`.
-    """
-    repaint = completion_cells(pipe.vae.grid_size, rows=rows, start=start)
-    return edit_image(pipe, image, prompt, repaint=repaint, **kwargs)
-
-
-def vary_image(
-    pipe: DALLEPipeline,
-    image: ImageInput,
-    prompt: str | list[str] | None = None,
-    *,
-    fraction: float = 0.5,
-    mode: str = "random",
-    mask_seed: int = 0,
-    cells: torch.Tensor | None = None,
-    **kwargs,
-) -> EditOutput:
-    """Variations: re-sample a seeded random ``fraction`` of the codes, or the lower part.
-
-    ``cells`` (bool (grid²,)) chooses the codes directly instead. ``prompt``
-    None or "" conditions on the empty caption (all per-position pads, paper
-    section 2.2). Other keyword arguments are those of :func:`edit_image`.
-    """
-    if cells is None:
-        cells = variation_cells(pipe.vae.grid_size, fraction, mode, mask_seed)
-    return edit_image(pipe, image, prompt, repaint=cells, **kwargs)

@@ -2,12 +2,16 @@
 
 The pipeline glues the three trained parts together: the BPE tokenizer turns
 the prompt into text tokens, the transformer samples image codes, the VAE
-decodes them into pixels.
+decodes them into pixels, and an optional scorer reranks the candidates. The
+same object edits images: :meth:`DALLEPipeline.edit` (a box or a mask),
+:meth:`~DALLEPipeline.complete` (from the top rows) and
+:meth:`~DALLEPipeline.variations`; the region, ranking and compositing rules are
+:mod:`dalle1.editing`'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,9 +20,20 @@ from PIL import Image
 from .checkpoint import check_clip_fits, load_clip, load_parts
 from .clip import CLIPScorer
 from .config import Config
-from .images import tensor_to_pil
+from .editing import (
+    Box,
+    MaskInput,
+    blend_weights,
+    cells_to_pixels,
+    completion_cells,
+    region_cells,
+    sample_edits,
+    variation_cells,
+)
+from .editing import composite as paste_back
+from .images import ImageInput, load_input, pil_to_tensor, tensor_to_pil, to_uint8
 from .rerank import candidate_scores, rank
-from .sampling import sample_codes
+from .sampling import SamplingOptions, sample_codes
 from .text import TextTokenizer
 from .transformer import DALLE
 from .vae import DiscreteVAE
@@ -31,6 +46,27 @@ class DALLEOutput:
     prompts: list[str]  # the prompt of each image
     seeds: list[int]  # the seed of each image: re-running with it gives the same image
     scores: list[float] | None = field(default=None)
+    pixels: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]: exactly the values of `images`
+
+
+@dataclass
+class EditOutput(DALLEOutput):
+    """A :class:`DALLEOutput` (candidates best first, ``scores`` set) plus what was edited."""
+
+    original: Image.Image | None = None  # the input fitted to the model's square
+    mask: Image.Image | None = None  # white = repainted cells
+    repaint: torch.Tensor | None = None  # bool (grid²,)
+    original_codes: torch.Tensor | None = None  # (grid²,)
+    generated: list[Image.Image] = field(default_factory=list)  # decoded, before compositing
+
+
+def _pictures(images: torch.Tensor) -> tuple[list[Image.Image], torch.Tensor]:
+    """Decoded images (B, 3, H, W) -> (PIL images, their 8-bit values as floats in [0, 1]).
+
+    The values are made contiguous: the decoder's convolutions may hand back a
+    channels-last layout, which would make a scorer's convolutions take another path.
+    """
+    return [tensor_to_pil(im) for im in images], (to_uint8(images).float() / 255).contiguous()
 
 
 class DALLEPipeline:
@@ -41,6 +77,7 @@ class DALLEPipeline:
         dalle: DALLE,
         tokenizer: TextTokenizer,
         clip: CLIPScorer | None = None,
+        folder: str | Path | None = None,
     ):
         self.config, self.vae, self.dalle, self.tokenizer = (
             config,
@@ -51,6 +88,7 @@ class DALLEPipeline:
         self.clip = clip.eval() if clip is not None else None  # optional reranker (clip/)
         if clip is not None:
             check_clip_fits(clip, tokenizer)
+        self.folder = None if folder is None else Path(folder)  # the model folder, if loaded
 
     @classmethod
     def from_pretrained(
@@ -59,9 +97,7 @@ class DALLEPipeline:
         """Load a model folder written by ``train.py`` (weights via safetensors only)."""
         config, vae, dalle, tokenizer = load_parts(folder)
         clip = load_clip(folder) if (Path(folder) / "clip").is_dir() else None
-        pipe = cls(config, vae, dalle, tokenizer, clip=clip).to(device)
-        pipe.folder = Path(folder)
-        return pipe
+        return cls(config, vae, dalle, tokenizer, clip=clip, folder=folder).to(device)
 
     def to(self, device: str | torch.device) -> DALLEPipeline:
         self.vae.to(device)
@@ -91,9 +127,9 @@ class DALLEPipeline:
         top_p: float | None = None,
         cond_scale: float = 1.0,
         progress: bool = False,
-        image: Image.Image | str | Path | None = None,
-        mask_image: Image.Image | str | Path | None = None,
-        box: tuple[float, float, float, float] | None = None,
+        image: ImageInput | None = None,
+        mask_image: MaskInput | None = None,
+        box: Box | None = None,
         candidates: int | None = None,
         composite: bool = True,
         feather: int = 0,
@@ -103,6 +139,8 @@ class DALLEPipeline:
         score: bool = False,
     ) -> DALLEOutput:
         """Sample ``num_images`` images per prompt. Image i of the call uses seed ``seed + i``.
+
+        Sampling options: see :class:`dalle1.sampling.SamplingOptions`.
 
         Reranking (paper section 2.6 reranks samples with CLIP): ``rerank=True`` orders each
         prompt's images best first by the clip scorer (cosine of image and caption) or,
@@ -115,6 +153,7 @@ class DALLEPipeline:
         ``mask_image`` (white = repaint), repaint that region instead; see
         :meth:`edit` (``candidates`` defaults to ``num_images``).
         """
+        options = SamplingOptions(temperature, top_k, top_p, cond_scale)
         if image is not None or box is not None or mask_image is not None:
             if image is None:
                 raise ValueError("box= / mask_image= need image= (the image to edit)")
@@ -130,14 +169,12 @@ class DALLEPipeline:
                 mask_image=mask_image,
                 candidates=candidates or num_images,
                 seed=seed,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                cond_scale=cond_scale,
                 composite=composite,
                 feather=feather,
                 progress=progress,
+                **asdict(options),
             )
+        # 1. check the inputs
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
@@ -145,26 +182,28 @@ class DALLEPipeline:
             raise ValueError("no prompt given")
         if keep is not None and not rerank:
             raise ValueError("keep needs rerank=True")
+        # 2. encode the prompts: one row per image
         rows = [p for p in prompts for _ in range(num_images)]
         text = self.encode_prompts(rows)
+        # 3. one seed, and one generator, per image
         if seeds is None:
             seeds = [seed + i for i in range(len(rows))]
         elif len(seeds) != len(rows):
             raise ValueError(f"got {len(seeds)} seeds for {len(rows)} images")
         seeds = [int(s) for s in seeds]
         gens = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        # 4. sample the codes
         codes = sample_codes(
             self.dalle,
             text,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            cond_scale=cond_scale,
+            **asdict(options),
             null_text=self.tokenizer.pad_row().to(self.device),
             generators=gens,
             progress=progress,
         )
+        # 5. decode them
         images = self.vae.decode(codes)
+        # 6. score and rerank
         scores = None
         if rerank or score:
             scores = candidate_scores(images, text, codes, self.dalle, self.clip)
@@ -172,103 +211,139 @@ class DALLEPipeline:
             order = rank(scores, num_images, keep).to(codes.device)
             images, codes, scores = images[order], codes[order], scores[order.cpu()]
             rows, seeds = [rows[i] for i in order], [seeds[i] for i in order]
+        # 7. the output
+        pictures, pixels = _pictures(images)
         return DALLEOutput(
-            [tensor_to_pil(im) for im in images],
+            pictures,
             codes,
             rows,
             seeds,
             None if scores is None else [float(s) for s in scores.cpu()],
+            pixels,
         )
 
-    # --- editing (see dalle1/editing.py) ------------------------------------------------
+    # --- editing (the rules are dalle1/editing.py's) -------------------------------------
 
+    def _caption_row(self, prompt: str | list[str] | None) -> tuple[torch.Tensor, str]:
+        """The one caption of an edit as ids (L,); None or "" is the empty caption (all pads)."""
+        if isinstance(prompt, list | tuple):
+            if len(prompt) != 1:
+                raise ValueError(f"editing takes one prompt, got {len(prompt)}")
+            prompt = prompt[0]
+        if prompt is None or prompt.strip() == "":
+            return self.tokenizer.pad_row().to(self.device), ""
+        return self.encode_prompts([prompt])[0], prompt
+
+    @torch.no_grad()
     def edit(
         self,
-        image: Image.Image | str | Path,
+        image: ImageInput,
         prompt: str | list[str] | None,
         *,
-        box: tuple[float, float, float, float] | None = None,
-        mask_image: Image.Image | str | Path | None = None,
+        box: Box | None = None,
+        mask_image: MaskInput | None = None,
+        repaint: torch.Tensor | None = None,
         candidates: int = 4,
         seed: int = 0,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        cond_scale: float = 1.0,
         composite: bool = True,
         feather: int = 0,
-        **kwargs,
-    ) -> DALLEOutput:
-        """Repaint a box or mask of ``image`` for ``prompt``; candidates best first.
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> EditOutput:
+        """Repaint part of ``image`` for ``prompt`` (None or "" = the empty caption).
 
-        Returns an :class:`dalle1.editing.EditOutput` (also ``original``,
-        ``mask``, ``repaint``, ``scores``); see :func:`dalle1.editing.edit_image`.
-        Sampling options (temperature, top_k, top_p, cond_scale, progress)
-        pass through ``kwargs``.
+        The region is a pixel ``box``, a ``mask_image`` (white = repaint) or ``repaint``
+        cells (bool (grid²,)); exactly one. ``candidates`` samples (candidate i uses seed
+        ``seed + i``) are returned best first; see :func:`dalle1.editing.sample_edits` for
+        the ranking and its reason. ``composite`` pastes the input's own pixels back
+        outside the repainted cells (``feather`` px of soft blend inside them).
         """
-        from .editing import edit_image
-
-        return edit_image(
-            self,
-            image,
-            prompt,
-            box=box,
-            mask_image=mask_image,
+        given = sum(x is not None for x in (box, mask_image, repaint))
+        if given != 1:
+            raise ValueError("give exactly one of box=, mask_image= or repaint=")
+        size, grid = self.vae.cfg.image_size, self.vae.grid_size
+        img = load_input(image)
+        if repaint is None:
+            repaint = region_cells(img, size, grid, box=box, mask_image=mask_image)
+        repaint = repaint.bool().flatten().cpu()
+        if repaint.shape != (grid * grid,) or not repaint.any():
+            raise ValueError(f"repaint must select at least one of {grid * grid} cells")
+        text, caption = self._caption_row(prompt)
+        fitted = pil_to_tensor(img, size).to(self.device)
+        original_codes = self.vae.encode(fitted[None])[0]
+        edits = sample_edits(
+            self.dalle,
+            text,
+            original_codes,
+            repaint,
+            options=SamplingOptions(temperature, top_k, top_p, cond_scale),
             candidates=candidates,
             seed=seed,
-            composite_input=composite,
-            feather=feather,
-            **kwargs,
+            null_text=self.tokenizer.pad_row().to(self.device),
+            batch_size=batch_size,
+            progress=progress,
+        )
+        generated = self.vae.decode(edits.codes)
+        pixels = cells_to_pixels(repaint, grid, size)
+        if composite:
+            weights = blend_weights(pixels, feather).to(self.device)
+            results = torch.stack([paste_back(fitted, g, weights) for g in generated])
+        else:
+            results = generated
+        pictures, values = _pictures(results)
+        return EditOutput(
+            images=pictures,
+            codes=edits.codes,
+            prompts=[caption] * candidates,
+            seeds=edits.seeds,
+            scores=edits.scores.tolist(),
+            pixels=values,
+            original=tensor_to_pil(fitted),
+            mask=tensor_to_pil(pixels.float()[None].expand(3, -1, -1)),
+            repaint=repaint,
+            original_codes=original_codes,
+            generated=[tensor_to_pil(g) for g in generated],
         )
 
     def complete(
         self,
-        image: Image.Image | str | Path,
+        image: ImageInput,
         prompt: str | list[str] | None,
         *,
         rows: int | None = None,
         start: int | None = None,
-        candidates: int = 4,
-        seed: int = 0,
-        composite: bool = True,
         **kwargs,
-    ) -> DALLEOutput:
-        """Image completion: keep the top ``rows`` code rows (paper: 15 of 32) and sample the rest."""
-        from .editing import complete_image
+    ) -> EditOutput:
+        """Image completion: keep the top ``rows`` code rows (or the codes before raster
+        position ``start``) and sample the rest.
 
-        return complete_image(
-            self,
-            image,
-            prompt,
-            rows=rows,
-            start=start,
-            candidates=candidates,
-            seed=seed,
-            composite_input=composite,
-            **kwargs,
-        )
+        Default: the paper's 15 of 32 rows (section 3.3), scaled to the grid. Other keyword
+        arguments are those of :meth:`edit`.
+        """
+        repaint = completion_cells(self.vae.grid_size, rows=rows, start=start)
+        return self.edit(image, prompt, repaint=repaint, **kwargs)
 
     def variations(
         self,
-        image: Image.Image | str | Path,
+        image: ImageInput,
         prompt: str | list[str] | None = None,
         *,
         fraction: float = 0.5,
         mode: str = "random",
         mask_seed: int = 0,
-        candidates: int = 4,
-        seed: int = 0,
-        composite: bool = True,
+        cells: torch.Tensor | None = None,
         **kwargs,
-    ) -> DALLEOutput:
-        """Re-sample a seeded random ``fraction`` of the codes (mode "random") or the lower part ("lower")."""
-        from .editing import vary_image
+    ) -> EditOutput:
+        """Re-sample a seeded random ``fraction`` of the codes (mode "random") or the lower
+        part ("lower"); ``cells`` (bool (grid²,)) chooses the codes directly instead.
 
-        return vary_image(
-            self,
-            image,
-            prompt,
-            fraction=fraction,
-            mode=mode,
-            mask_seed=mask_seed,
-            candidates=candidates,
-            seed=seed,
-            composite_input=composite,
-            **kwargs,
-        )
+        ``prompt`` None or "" conditions on the empty caption (all per-position pads,
+        paper section 2.2). Other keyword arguments are those of :meth:`edit`.
+        """
+        if cells is None:
+            cells = variation_cells(self.vae.grid_size, fraction, mode, mask_seed)
+        return self.edit(image, prompt, repaint=cells, **kwargs)

@@ -1,12 +1,13 @@
 """Sampling image codes one by one in raster order (paper section 2.6, "Sample Generation").
 
-Read top to bottom, :func:`sample_codes` does this:
+Read top to bottom, :func:`sample_codes` does this (the options are a
+:class:`SamplingOptions`, the one object the entry points pass around):
 
 1. the caption is read once (:meth:`DALLE.prefill`), filling a key/value cache;
 2. at every step the next code's logits are turned into one code per row:
    temperature, then top-k, then top-p (nucleus), then a draw from each row's own
-   ``torch.Generator`` (:func:`filter_logits`, :func:`pick`). The logits are the
-   *image* head's only, so the filters never see text tokens;
+   ``torch.Generator`` (:func:`next_code`, :func:`filter_logits`, :func:`pick`). The
+   logits are the *image* head's only, so the filters never see text tokens;
 3. the code is fed back (:meth:`DALLE.step`): one position through every layer,
    reusing the cache. ``use_cache=False`` recomputes the whole stream instead, which
    gives the same codes (tests) and is the benchmark's baseline.
@@ -29,6 +30,7 @@ sampling either way.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -74,22 +76,70 @@ def pick(logits: torch.Tensor, temperature: float, generators: Generators) -> to
     return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
 
 
-def _check(text: torch.Tensor, model: DALLE, **kw) -> None:
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How every code is drawn from its logits; one object passed between the entry points.
+
+    temperature: divides the logits before the filters; 0 = greedy.
+    top_k, top_p: filters over the image vocabulary (see :func:`filter_logits`); None = off.
+    cond_scale: classifier-free guidance scale; 1 = plain conditional sampling.
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    cond_scale: float = 1.0
+
+    @property
+    def guided(self) -> bool:
+        return self.cond_scale != 1.0
+
+    def check(self) -> None:
+        """One-line errors for values no sampler can use."""
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+
+
+def next_code(
+    logits: torch.Tensor, options: SamplingOptions, generators: Generators
+) -> torch.Tensor:
+    """The next code of every row from its logits: guidance, temperature, filters, draw.
+
+    With guidance the logits hold the conditional rows, then the unconditional ones, and
+    are mixed ``uncond + s · (cond − uncond)``. Everything runs in float32, whatever
+    autocast gave the transformer.
+    """
+    logits = logits.float()
+    if options.guided:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + options.cond_scale * (cond - uncond)
+    if options.temperature == 0:
+        return logits.argmax(-1)
+    filtered = filter_logits(logits / options.temperature, options.top_k, options.top_p)
+    return pick(filtered, 1.0, generators)
+
+
+def _check(
+    text: torch.Tensor,
+    model: DALLE,
+    options: SamplingOptions,
+    generators: Generators,
+    keep: torch.Tensor | None,
+    init: torch.Tensor | None,
+) -> None:
     """One-line errors for the caller's mistakes."""
     if text.ndim != 2 or text.shape[1] != model.shape.text_len:
         raise ValueError(
             f"text must be (batch, {model.shape.text_len}) token ids, got {tuple(text.shape)}"
         )
-    if kw["temperature"] < 0:
-        raise ValueError(f"temperature must be >= 0, got {kw['temperature']}")
-    if kw["top_k"] is not None and kw["top_k"] < 1:
-        raise ValueError(f"top_k must be >= 1, got {kw['top_k']}")
-    if kw["top_p"] is not None and not 0 < kw["top_p"] <= 1:
-        raise ValueError(f"top_p must lie in (0, 1], got {kw['top_p']}")
-    gens = kw["generators"]
+    options.check()
+    gens = generators
     if gens is not None and not isinstance(gens, torch.Generator) and len(gens) != len(text):
         raise ValueError(f"got {len(gens)} generators for {len(text)} rows")
-    keep, init = kw["keep"], kw["init_codes"]
     if keep is not None:
         shape = (len(text), model.shape.num_codes)
         if init is None:
@@ -119,9 +169,7 @@ def sample_codes(
 ) -> torch.Tensor:
     """Sample codes (B, N) for captions ``text`` (B, L); rows may hold different captions.
 
-    temperature: divides the logits before the filters; 0 = greedy.
-    top_k, top_p: filters over the image vocabulary (see :func:`filter_logits`).
-    cond_scale: classifier-free guidance scale; 1 = plain conditional sampling.
+    temperature, top_k, top_p, cond_scale: see :class:`SamplingOptions`.
     null_text:  the empty caption (L,) used for the unconditional rows.
     generators: one generator, or one per row (a row then samples the same codes
                 whatever else is in the batch).
@@ -129,89 +177,35 @@ def sample_codes(
     use_cache:  False recomputes the whole stream at every step (tests / benchmarks).
     autocast:   bf16 autocast for the transformer; None = on for CUDA devices with bf16.
     """
-    _check(
-        text,
-        model,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        generators=generators,
-        keep=keep,
-        init_codes=init_codes,
-    )
-    guided = cond_scale != 1.0
+    options = SamplingOptions(temperature, top_k, top_p, cond_scale)
+    _check(text, model, options, generators, keep, init_codes)
+    guided = options.guided
     if guided and null_text is None:
         raise ValueError("classifier-free guidance needs null_text (the all-pads caption)")
     device = text.device
     if autocast is None:
         autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    B, N = text.shape[0], model.shape.num_codes
+
+    def doubled(x: torch.Tensor) -> torch.Tensor:  # the same codes feed both halves of the batch
+        return torch.cat([x, x]) if guided else x
+
     with (
         torch.inference_mode(),
         torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(autocast)),
     ):
-        codes = _sample_loop(
-            model,
-            text,
-            null_text.to(text).expand_as(text) if guided else None,
-            cond_scale=cond_scale,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            generators=generators,
-            init_codes=init_codes,
-            keep=keep,
-            use_cache=use_cache,
-            progress=progress,
-        )
-    return codes.clone()  # a normal tensor again (inference-mode tensors refuse in-place edits)
-
-
-def _sample_loop(
-    model: DALLE,
-    text: torch.Tensor,
-    null_rows: torch.Tensor | None,
-    *,
-    cond_scale: float,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generators: Generators,
-    init_codes: torch.Tensor | None,
-    keep: torch.Tensor | None,
-    use_cache: bool,
-    progress: bool,
-) -> torch.Tensor:
-    """The loop itself (run under inference mode and maybe autocast)."""
-    B, N = text.shape[0], model.shape.num_codes
-    guided = null_rows is not None
-    rows = torch.cat([text, null_rows]) if guided else text  # 2B rows: conditional, then not
-    codes = torch.zeros(B, N, dtype=torch.long, device=text.device)
-
-    def next_code(logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()  # guidance, filters and draws in float32, whatever autocast did
-        if guided:
-            cond, uncond = logits.chunk(2)
-            logits = uncond + cond_scale * (cond - uncond)
-        if temperature == 0:
-            return logits.argmax(-1)
-        return pick(filter_logits(logits / temperature, top_k, top_p), 1.0, generators)
-
-    def doubled(x: torch.Tensor) -> torch.Tensor:  # the same codes feed both streams
-        return torch.cat([x, x]) if guided else x
-
-    if use_cache:
-        logits, cache = model.prefill(rows)
-    else:
-        logits = model.next_logits_uncached(rows, doubled(codes[:, :0]))
-    for t in tqdm(range(N), desc="sampling", disable=not progress, leave=False):
-        code = next_code(logits)
-        if keep is not None:
-            code = torch.where(keep[:, t], init_codes[:, t], code)
-        codes[:, t] = code
-        if t == N - 1:
-            break
+        # 2B rows under guidance: the conditional rows, then the empty caption's
+        rows = torch.cat([text, null_text.to(text).expand_as(text)]) if guided else text
+        codes = torch.zeros(B, N, dtype=torch.long, device=device)
         if use_cache:
-            logits, cache = model.step(doubled(code), t, cache)
-        else:
-            logits = model.next_logits_uncached(rows, doubled(codes[:, : t + 1]))
-    return codes
+            logits, cache = model.prefill(rows)
+        for t in tqdm(range(N), desc="sampling", disable=not progress, leave=False):
+            if not use_cache:
+                logits = model.next_logits_uncached(rows, doubled(codes[:, :t]))
+            code = next_code(logits, options, generators)
+            if keep is not None:
+                code = torch.where(keep[:, t], init_codes[:, t], code)
+            codes[:, t] = code
+            if use_cache and t < N - 1:
+                logits, cache = model.step(doubled(code), t, cache)
+    return codes.clone()  # a normal tensor again (inference-mode tensors refuse in-place edits)

@@ -10,6 +10,7 @@ from PIL import Image
 from dalle1 import DALLEPipeline
 from dalle1.checkpoint import ModelFolderError
 from dalle1.cli import main
+from dalle1.images import stack_images
 from dalle1.text import TextTokenizer
 
 
@@ -38,6 +39,19 @@ def test_samples_are_seeded_and_survive_a_save_load_round_trip(tiny_model, tmp_p
         "a blue square", num_images=2, seed=5
     )  # rows 2, 3 of the first call had seeds 5, 6
     assert torch.equal(alone.codes, a.codes[2:])
+
+
+def test_output_pixels_are_exactly_the_images(tiny_model):
+    pipe = DALLEPipeline.from_pretrained(tiny_model)
+    assert pipe.folder == tiny_model
+    out = pipe(["a red circle", "a blue square"], num_images=3, seed=1, rerank=True, keep=2)
+    assert out.pixels.shape == (4, 3, 16, 16) and out.pixels.dtype == torch.float32
+    assert torch.equal(out.pixels, stack_images(out.images, 16))  # reranked order, 8-bit values
+    edit = pipe.edit(out.images[0], "a blue circle", box=(0, 0, 8, 8), candidates=2)
+    assert torch.equal(edit.pixels, stack_images(edit.images, 16))
+    bare = DALLEPipeline(pipe.config, pipe.vae, pipe.dalle, pipe.tokenizer)
+    assert bare.folder is None
+    assert torch.equal(bare("a red circle", seed=1).codes, pipe("a red circle", seed=1).codes)
 
 
 def test_mismatched_parts_name_both_numbers(tiny_model, tmp_path):

@@ -156,8 +156,14 @@ def test_bad_images_raise_one_error_type(bad_folder):
         with pytest.raises(BadImageError, match=reason) as info:
             load_image(bad_folder / f"{stem}.png", SIZE)
         assert str(bad_folder / f"{stem}.png") in str(info.value)
-    with pytest.raises(BadImageError, match="file not found"):
+    with pytest.raises(BadImageError, match="file not found") as info:
         load_image(bad_folder / "nope.png", SIZE)
+    err = info.value
+    assert (err.path, err.reason) == (str(bad_folder / "nope.png"), "file not found")
+    assert str(err) == f"{bad_folder / 'nope.png'}: file not found"
+    again = pickle.loads(pickle.dumps(err))  # crosses DataLoader worker processes intact
+    assert (again.path, again.reason, str(again)) == (err.path, err.reason, str(err))
+    assert str(BadImageError(None, "no image can be used")) == "no image can be used"
 
 
 # --- skip and count ----------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dalle1.config import DALLEConfig
-from dalle1.sampling import filter_logits, pick, sample_codes
+from dalle1.sampling import SamplingOptions, filter_logits, next_code, pick, sample_codes
 from dalle1.transformer import DALLE, Cache, StreamShape
 
 SHAPE = StreamShape(text_vocab=40, text_len=5, image_vocab=24, grid=4, bos_id=1)
@@ -158,6 +158,28 @@ def test_mistakes_raise_one_line_errors(m):
         sample_codes(m, t, keep=torch.ones(2, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match="null_text"):
         sample_codes(m, t, cond_scale=3.0)
+
+
+def test_sampling_options_check_and_draw():
+    SamplingOptions().check()
+    for bad, match in [
+        (SamplingOptions(temperature=-0.5), "temperature must be >= 0, got -0.5"),
+        (SamplingOptions(top_k=0), "top_k must be >= 1, got 0"),
+        (SamplingOptions(top_p=0.0), r"top_p must lie in \(0, 1\], got 0.0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            bad.check()
+    assert not SamplingOptions().guided and SamplingOptions(cond_scale=2.0).guided
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
+    assert next_code(logits, SamplingOptions(temperature=0), None).tolist() == [1, 0]
+    # guidance mixes the unconditional second half in: 0 + 3 * (cond - 0) = 3 * cond
+    doubled = torch.cat([logits, torch.zeros(2, 3)])
+    guided = SamplingOptions(temperature=0, cond_scale=3.0)
+    assert next_code(doubled, guided, None).tolist() == [1, 0]
+    mixed = torch.cat([torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 2.0, 0.0]])])
+    # cond favours code 0, uncond code 1: s = 0.25 keeps uncond's choice, s = 3 flips it
+    assert next_code(mixed, SamplingOptions(temperature=0, cond_scale=0.25), None).tolist() == [1]
+    assert next_code(mixed, SamplingOptions(temperature=0, cond_scale=3.0), None).tolist() == [0]
 
 
 def test_a_cloned_cache_branches_without_touching_the_original():

@@ -10,6 +10,7 @@ with labels, zero-shot label accuracy (:func:`dalle1.clip.zero_shot`).
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,9 @@ from tqdm.auto import tqdm
 from ..clip import zero_shot
 from ..data import CaptionedFolder, find_pairs, split_pairs
 from ..evaluation import encode_dataset, evaluate_dalle
-from ..images import stack_images
 from ..pipeline import DALLEPipeline
 from ..rerank import rank
+from ..sampling import SamplingOptions
 
 
 def read_prompts(path: str | Path) -> list[dict[str, str | None]]:
@@ -67,9 +68,13 @@ def evaluate(
     seed: int = 0,
     batch_prompts: int = 4,
     progress: bool = True,
-    **sample_kwargs: Any,
+    options: SamplingOptions = SamplingOptions(),
 ) -> dict[str, Any]:
-    """The figures of ``dalle1 eval`` (see docs/rerank.md for what each one means)."""
+    """The figures of ``dalle1 eval`` (see docs/rerank.md for what each one means).
+
+    Candidates are sampled with ``options``; image ``i`` of prompt ``p`` uses seed
+    ``seed + p * num_images + i``.
+    """
     if split not in ("val", "all"):
         raise ValueError(f"split must be 'val' or 'all', got {split!r}")
     if not 1 <= keep <= num_images:
@@ -85,7 +90,7 @@ def evaluate(
     codes = encode_dataset(pipe.vae, held, progress=False)
     nll = evaluate_dalle(pipe.dalle, pipe.tokenizer, codes, held.captions)
     result: dict[str, Any] = {
-        "model": str(getattr(pipe, "folder", "")),
+        "model": str(pipe.folder or ""),
         "data": str(data),
         "split": split,
         "held_out_pairs": len(held),
@@ -115,9 +120,9 @@ def evaluate(
             [p["prompt"] for p in chunk],
             num_images=num_images,
             seed=seed + start * num_images,
-            **sample_kwargs,
+            **asdict(options),
         )
-        images = stack_images(out.images, pipe.vae.cfg.image_size)
+        images = out.pixels
         emb = clip.encode_image(images)
         own = torch.arange(start, start + len(chunk)).repeat_interleave(num_images)
         scores = (emb * prompt_emb[own]).sum(-1).cpu()

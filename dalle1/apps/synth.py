@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from tqdm.auto import tqdm
 from ..clip import label_texts
 from ..files import atomic_write
 from ..pipeline import DALLEPipeline
+from ..sampling import SamplingOptions
 
 
 def class_seed(base: int, name: str, index: int) -> int:
@@ -59,7 +61,7 @@ def synthesize(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
-    **sample_kwargs: Any,
+    options: SamplingOptions = SamplingOptions(),
 ) -> dict[str, Any]:
     """Write an ImageFolder dataset ``out/<class>/NNNNNN.png`` plus ``out/manifest.jsonl``.
 
@@ -96,7 +98,7 @@ def synthesize(
             chunk = todo[start : start + batch_size]
             seeds = [class_seed(seed, c, i) for c, i, _ in chunk]
             result = pipe(
-                [p for _, _, p in chunk], num_images=1, seeds=seeds, score=True, **sample_kwargs
+                [p for _, _, p in chunk], num_images=1, seeds=seeds, score=True, **asdict(options)
             )
             for (c, i, prompt), s, image, score in zip(chunk, seeds, result.images, result.scores):
                 row = {"class": c, "index": i, "prompt": prompt, "score": score, "seed": s}
