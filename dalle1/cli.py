@@ -3,19 +3,41 @@
 ``train.py`` and ``sample.py`` at the top of the repository are the same
 commands. Errors a user can fix (bad config key, missing folder, bad prompt)
 print one line and exit with status 2 instead of a traceback.
+
+Every dalle1 module is imported here at the top, except two that only one command
+needs and that are heavy or have side effects: :mod:`dalle1.training` (Lightning),
+imported by ``dalle1 train``, and :mod:`dalle1.apps.ui` (the optional gradio extra),
+imported by ``dalle1 ui``. So ``dalle1 sample`` or ``dalle1 data encode`` never load
+Lightning.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .checkpoint import ModelFolderError
-from .config import ConfigError
+from .apps.evaluate import evaluate, read_prompts
+from .apps.explain import explain
+from .apps.synth import synthesize
+from .checkpoint import ModelFolderError, load_vae
+from .clip import zero_shot
+from .codes import encode_data
+from .config import ConfigError, DataConfig, load_config
+from .data import CaptionedFolder, data_format, find_pairs, load_pairs, make_shapes_dataset
+from .data.check import check_folder, format_report
+from .data.emoji import make_emoji_dataset
+from .data.problems import DataProblems
+from .data.shards import write_shards
+from .editing import parse_box
+from .evaluation import evaluate_vae
+from .images import load_image, save_grid, stack_images
+from .pipeline import DALLEPipeline
 from .sampling import SamplingOptions
 
 USER_ERRORS = (ConfigError, ModelFolderError, FileNotFoundError, ValueError)
@@ -30,6 +52,23 @@ def command(name: str, add_args: Callable):
         return run
 
     return register
+
+
+# --- sampling options, shared by sample, edit, eval and synth ---------------------------
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The flags of :class:`dalle1.sampling.SamplingOptions` (read back by sampling_options)."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling over image codes")
+    g.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale")
+
+
+def sampling_options(args: argparse.Namespace) -> SamplingOptions:
+    """The :class:`SamplingOptions` of the flags :func:`add_sampling_args` added."""
+    return SamplingOptions(args.temperature, args.top_k, args.top_p, args.cond_scale)
 
 
 # --- train -------------------------------------------------------------------------------
@@ -50,8 +89,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 @command("train", add_train_args)
 def run_train(args: argparse.Namespace) -> None:
-    from .config import load_config
-    from .training import fit
+    from .training import fit  # Lightning: only `dalle1 train` imports it
 
     config = load_config(args.config, args.overrides)
     folder = fit(config, resume=args.resume)
@@ -65,13 +103,8 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder written by train.py")
     p.add_argument("--prompt", action="append", required=True, help="caption; repeat for several")
     p.add_argument("--num-images", type=int, default=4, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument(
-        "--top-k", type=int, default=None, help="sample among the k likeliest image codes"
-    )
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling over image codes")
-    p.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    add_sampling_args(p)
     p.add_argument(
         "--out", default="outputs/samples", help="folder for the PNGs, grid.png and captions.txt"
     )
@@ -90,9 +123,6 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
 
 @command("sample", add_sample_args)
 def run_sample(args: argparse.Namespace) -> None:
-    from .images import save_grid
-    from .pipeline import DALLEPipeline
-
     if args.image is not None or edit_mode_flags(args):
         run_edit(args)
         return
@@ -101,10 +131,7 @@ def run_sample(args: argparse.Namespace) -> None:
         args.prompt,
         num_images=args.num_images,
         seed=args.seed,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        cond_scale=args.cond_scale,
+        **asdict(sampling_options(args)),
         rerank=args.rerank,
         keep=args.keep,
         progress=True,
@@ -184,10 +211,7 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
         "--prompt", action="append", default=None, help="caption (none = the empty caption)"
     )
     p.add_argument("--seed", type=int, default=0, help="candidate i uses seed + i")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale")
+    add_sampling_args(p)
     p.add_argument("--out", default="outputs/edits", help="folder for the PNGs and grid.png")
     p.add_argument("--scale", type=int, default=4, help="upscale factor for grid.png (nearest)")
     p.add_argument("--device", default="cpu")
@@ -197,11 +221,6 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
 @command("edit", add_edit_args)
 def run_edit(args: argparse.Namespace) -> None:
     """Repaint a box or mask of an image, complete it from its top rows, or make variations."""
-
-    from .editing import parse_box
-    from .images import save_grid, stack_images
-    from .pipeline import DALLEPipeline
-
     modes = edit_mode_flags(args)
     if args.image is None:
         raise ValueError(f"{' '.join(modes) or 'editing'} needs --image")
@@ -215,10 +234,7 @@ def run_edit(args: argparse.Namespace) -> None:
     common = dict(
         candidates=candidates,
         seed=args.seed,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        cond_scale=args.cond_scale,
+        **asdict(sampling_options(args)),
         composite=not args.no_composite,
         feather=args.feather,
         progress=True,
@@ -276,8 +292,6 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 @command("data", add_data_args)
 def run_data(args: argparse.Namespace) -> None:
-    from .data import make_shapes_dataset
-
     if args.data_command in DATA_FORMAT_COMMANDS:
         return run_data_format(args)
     if args.data_command == "check":
@@ -307,9 +321,6 @@ def add_data_check_args(sub) -> None:
 
 def run_data_check(args: argparse.Namespace) -> None:
     """Exit status 0 if every image would be used, 1 if some would be skipped."""
-    from .data.check import check_folder, format_report
-    from .data.problems import DataProblems
-
     usable, problems = check_folder(args.dir, args.image_size)
     if args.skipped_only:
         kept = DataProblems()
@@ -346,10 +357,6 @@ def add_data_format_args(sub) -> None:
 
 
 def run_data_format(args: argparse.Namespace) -> None:
-    from .config import DataConfig
-    from .data import data_format, load_pairs
-    from .data.shards import write_shards
-
     if args.data_command == "shard":
         cfg = DataConfig(path=args.src)
         if data_format(cfg) == "webdataset":
@@ -357,31 +364,14 @@ def run_data_format(args: argparse.Namespace) -> None:
         paths = write_shards(load_pairs(cfg), args.out, args.shard_size, args.prefix)
         print(f"wrote {len(paths)} shards to {args.out}")
     elif args.data_command == "encode":
-        from .codes import encode_data
-
         out = encode_data(args.model, DataConfig(path=args.data), args.out, args.batch_size)
         print(f"wrote codes to {out} (train with data.codes={out})")
     elif args.data_command == "emoji":
-        from .data.emoji import make_emoji_dataset
-
         count = make_emoji_dataset(args.out, args.size, font_path=args.font, limit=args.limit)
         print(f"wrote {count} captioned emoji to {args.out}")
 
 
-# --- classify / eval / synth: the contrastive scorer (dalle1/rerank.py, docs/rerank.md) ------
-
-
-def add_scoring_sample_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling over image codes")
-    p.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-
-
-def sampling_options(args: argparse.Namespace) -> SamplingOptions:
-    return SamplingOptions(args.temperature, args.top_k, args.top_p, args.cond_scale)
+# --- classify / eval / synth: the contrastive scorer (dalle1/clip.py, docs/rerank.md) --------
 
 
 def parse_list(value: str) -> list[str]:
@@ -416,14 +406,6 @@ def add_classify_args(p: argparse.ArgumentParser) -> None:
 @command("classify", add_classify_args)
 def run_classify(args: argparse.Namespace) -> None:
     """Zero-shot classification of images with the model's contrastive scorer."""
-    import json
-
-    import torch
-
-    from .clip import zero_shot
-    from .images import load_image
-    from .pipeline import DALLEPipeline
-
     pipe = DALLEPipeline.from_pretrained(args.model, device=args.device)
     if pipe.clip is None:
         raise ValueError(f"'{args.model}' has no clip/ scorer; train one with train.stage=clip")
@@ -467,17 +449,14 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         help="zero-shot template with {} for the label (default '{}'); repeat to average",
     )
     p.add_argument("--out", default=None, help="also write the JSON to this file")
-    add_scoring_sample_flags(p)
+    add_sampling_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
 
 
 @command("eval", add_eval_args)
 def run_eval(args: argparse.Namespace) -> None:
     """Held-out bits per token, scorer figures with and without reranking, label accuracy."""
-    import json
-
-    from .apps.evaluate import evaluate, read_prompts
-    from .pipeline import DALLEPipeline
-
     prompts = read_prompts(args.prompts)
     pipe = DALLEPipeline.from_pretrained(args.model, device=args.device)
     result = evaluate(
@@ -514,17 +493,14 @@ def add_synth_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, help="output folder: <class>/*.png + manifest.jsonl")
     p.add_argument("--batch-size", type=int, default=16, help="images sampled at once")
-    add_scoring_sample_flags(p)
+    add_sampling_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
 
 
 @command("synth", add_synth_args)
 def run_synth(args: argparse.Namespace) -> None:
     """Synthesize a labelled ImageFolder dataset, filtered by score; resumable."""
-    import json
-
-    from .apps.synth import synthesize
-    from .pipeline import DALLEPipeline
-
     classes = parse_list(args.classes)
     if args.templates is None:
         templates = ["a {}"]
@@ -564,8 +540,6 @@ def add_explain_args(p: argparse.ArgumentParser) -> None:
 @command("explain", add_explain_args)
 def run_explain(args: argparse.Namespace) -> None:
     """Draw the token stream, attention masks, raster order, VAE and training pictures."""
-    from .explain import explain
-
     result = explain(
         args.model,
         args.out,
@@ -590,7 +564,7 @@ def add_ui_args(p: argparse.ArgumentParser) -> None:
 @command("ui", add_ui_args)
 def run_ui(args: argparse.Namespace) -> None:
     """Serve the web page: prompt -> images with scores, and region editing (needs dalle1[ui])."""
-    from .ui import launch
+    from .apps.ui import launch  # the optional gradio extra: only `dalle1 ui` imports it
 
     launch(args.model, host=args.host, port=args.port, device=args.device)
 
@@ -613,15 +587,6 @@ def add_eval_vae_args(p: argparse.ArgumentParser) -> None:
 @command("eval-vae", add_eval_vae_args)
 def run_eval_vae(args: argparse.Namespace) -> None:
     """Reconstruction PSNR / MSE and codebook usage of a VAE on a folder, as JSON."""
-    import json
-
-    import torch
-
-    from .checkpoint import load_vae
-    from .data import CaptionedFolder, find_pairs
-    from .evaluation import evaluate_vae
-    from .images import save_grid
-
     if args.limit < 0 or args.batch_size < 1 or args.grid < 0:
         raise ValueError("--limit, --grid must be >= 0 and --batch-size >= 1")
     vae = load_vae(args.model)

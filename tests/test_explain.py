@@ -1,4 +1,4 @@
-"""dalle1.explain: every picture is drawn, has its size, and the masks are masks.py pixel for pixel."""
+"""dalle1.apps.explain: every picture is drawn, has its size, and the masks are masks.py pixel for pixel."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dalle1 import explain as ex
+from dalle1.apps import explain as ex
 from dalle1.checkpoint import load_parts
 from dalle1.cli import main
 from dalle1.images import make_grid, tensor_to_pil

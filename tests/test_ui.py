@@ -15,9 +15,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from dalle1.apps.ui import edit, editor_parts, generate, slider_options
 from dalle1.data import find_pairs
+from dalle1.editing import parse_box
 from dalle1.pipeline import DALLEPipeline
-from dalle1.ui import _filters, edit, editor_parts, generate, parse_box
+from dalle1.sampling import SamplingOptions
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -49,8 +51,8 @@ def test_generate_returns_the_best_of_the_candidates(pipe):
 
 
 def test_slider_values_map_to_sampler_arguments():
-    assert _filters(0, 1.0) == (None, None)
-    assert _filters(5.0, 0.9) == (5, 0.9)
+    assert slider_options(1, 0, 1.0, 1) == SamplingOptions()
+    assert slider_options(0.5, 5.0, 0.9, 2) == SamplingOptions(0.5, 5, 0.9, 2.0)
     assert parse_box("0, 8,16,16") == (0.0, 8.0, 16.0, 16.0)
     with pytest.raises(ValueError, match="four numbers"):
         parse_box("1,2,3")
@@ -104,7 +106,7 @@ def test_browser_generates_the_requested_number_of_images(tiny_model, tmp_path):
     )
     if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
         pytest.skip("Chromium is absent: apt-get install -y chromium")
-    from dalle1.ui import launch
+    from dalle1.apps.ui import launch
 
     port = _free_port()
     app = launch(tiny_model, port=port, block=False)

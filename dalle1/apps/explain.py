@@ -34,17 +34,19 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from .data import find_pairs
-from .data.captions import read_captions
-from .images import load_image, make_grid, tensor_to_pil
-from .masks import KINDS, image_mask, layer_kinds, stream_mask
-from .text import TextTokenizer
-from .transformer import StreamShape
-from .vae import DiscreteVAE, codebook_usage
+from ..data import find_pairs
+from ..data.captions import read_captions
+from ..images import load_image, make_grid, tensor_to_pil
+from ..masks import KINDS, image_mask, layer_kinds, stream_mask
+from ..pipeline import DALLEPipeline
+from ..text import TextTokenizer
+from ..transformer import StreamShape
+from ..vae import DiscreteVAE, codebook_usage
 
 # --- colours (shared by every picture, and by the tests) ----------------------------------
 
@@ -242,8 +244,6 @@ def mask_picture(mask: torch.Tensor, text_positions: int, scale: int = 1) -> Ima
 
 def picture_to_mask(picture: Image.Image, scale: int) -> torch.Tensor:
     """Inverse of :func:`mask_picture`: read the boolean matrix back (one sample per cell)."""
-    import numpy as np
-
     array = np.asarray(picture.convert("RGB"))[::scale, ::scale]
     return torch.from_numpy((array != np.array(MASK_OFF, dtype=np.uint8)).any(-1))
 
@@ -389,7 +389,7 @@ def reconstructions_picture(
 ) -> Image.Image:
     """Originals (top row) above their reconstructions ``decode(encode(x))`` (bottom row).
 
-    The picture is :func:`dalle1.data.make_grid` of both rows (2 px white padding),
+    The picture is :func:`dalle1.images.make_grid` of both rows (2 px white padding),
     nearest-upscaled by ``scale``.
     """
     device = next(vae.parameters()).device
@@ -571,8 +571,6 @@ def explain(
     num_usage:  how many data images are encoded for the codebook histogram.
     all_kinds:  also draw every mask kind, not just the configured schedule.
     """
-    from .pipeline import DALLEPipeline
-
     model = Path(model)
     out = Path(out)
     pipe = DALLEPipeline.from_pretrained(model)

@@ -22,14 +22,17 @@ the network.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageChops
 
-from .data import find_pairs
-from .editing import parse_box
-from .pipeline import DALLEPipeline
+from ..data import find_pairs
+from ..editing import parse_box
+from ..pipeline import DALLEOutput, DALLEPipeline
+from ..sampling import SamplingOptions
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -37,11 +40,13 @@ LOCAL_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 LOCAL_MONO = ["ui-monospace", "monospace"]
 
 
-def _filters(top_k: float | int | None, top_p: float | None) -> tuple[int | None, float | None]:
-    """Slider values -> sampler arguments: top-k 0 and top-p 0 or 1 mean "off"."""
+def slider_options(
+    temperature: float, top_k: float | int | None, top_p: float | None, cond_scale: float
+) -> SamplingOptions:
+    """Slider values -> the sampler's options: top-k 0 and top-p 0 or 1 mean "off"."""
     k = int(top_k) if top_k else None
     p = float(top_p) if top_p and 0 < float(top_p) < 1 else None
-    return k, p
+    return SamplingOptions(float(temperature), k, p, float(cond_scale))
 
 
 def _score_name(pipe: DALLEPipeline) -> str:
@@ -56,6 +61,19 @@ def _captioned(pipe: DALLEPipeline, out: Any, count: int) -> list[tuple[Image.Im
         (image, f"{name} {score:.3f} · seed {seed}")
         for image, score, seed in list(zip(out.images, scores, out.seeds))[:count]
     ]
+
+
+def _best_of(
+    pipe: DALLEPipeline,
+    call: Callable[[int, int], DALLEOutput],
+    num_images: int,
+    candidates: int | None,
+) -> list[tuple[Image.Image, str]]:
+    """``call(pool, keep)`` samples ``pool = max(candidates, num_images)`` candidates ranked
+    best first; the best ``num_images`` come back captioned with score and seed."""
+    num_images = int(num_images)
+    pool = max(int(candidates or num_images), num_images)
+    return _captioned(pipe, call(pool, num_images), num_images)
 
 
 def generate(
@@ -77,21 +95,14 @@ def generate(
     """
     if not prompt or not prompt.strip():
         raise ValueError("type a prompt first")
-    num_images = int(num_images)
-    pool = max(int(candidates or num_images), num_images)
-    k, p = _filters(top_k, top_p)
-    out = pipe(
-        prompt,
-        num_images=pool,
-        seed=int(seed),
-        temperature=float(temperature),
-        top_k=k,
-        top_p=p,
-        cond_scale=float(cond_scale),
-        rerank=True,
-        keep=num_images,
-    )
-    return _captioned(pipe, out, num_images)
+    options = slider_options(temperature, top_k, top_p, cond_scale)
+
+    def call(pool: int, keep: int) -> DALLEOutput:
+        return pipe(
+            prompt, num_images=pool, seed=int(seed), **asdict(options), rerank=True, keep=keep
+        )
+
+    return _best_of(pipe, call, num_images, candidates)
 
 
 # --- editing ------------------------------------------------------------------------------
@@ -147,22 +158,20 @@ def edit(
         raise ValueError("type a prompt describing the edited image")
     if mask is None and not box:
         raise ValueError("type a box x0,y0,x1,y1 or paint over the region to regenerate")
-    num_images = int(num_images)
-    pool = max(int(candidates or num_images), num_images)
-    k, p = _filters(top_k, top_p)
-    out = pipe(
-        prompt,
-        image=image,
-        box=None if mask is not None else parse_box(box),
-        mask_image=mask,
-        candidates=pool,
-        seed=int(seed),
-        temperature=float(temperature),
-        top_k=k,
-        top_p=p,
-        cond_scale=float(cond_scale),
-    )
-    return _captioned(pipe, out, num_images)
+    options = slider_options(temperature, top_k, top_p, cond_scale)
+
+    def call(pool: int, keep: int) -> DALLEOutput:  # edits come back ranked best first
+        return pipe(
+            prompt,
+            image=image,
+            box=None if mask is not None else parse_box(box),
+            mask_image=mask,
+            candidates=pool,
+            seed=int(seed),
+            **asdict(options),
+        )
+
+    return _best_of(pipe, call, num_images, candidates)
 
 
 # --- the page -----------------------------------------------------------------------------
