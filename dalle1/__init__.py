@@ -1,7 +1,14 @@
 """dalle1: OpenAI's DALL-E 1, reimplemented.
 
-Reading order for a learner: text -> vae -> masks -> transformer -> sampling
--> pipeline; then data -> training.
+Reading order for a learner, which is also the import order (a module imports
+only modules before it; tests/test_layers.py checks it):
+
+* ground floor: config, files (atomic writes), images (pixels in and out);
+* the paper: text -> vae -> masks -> transformer -> sampling -> clip -> editing
+  -> rerank;
+* data/ (captioned images in any format), then the assembly: checkpoint, codes,
+  evaluation, pipeline;
+* training/ (Lightning), apps/ (eval, synth, explain, ui), and cli on top.
 """
 
 from .config import Config, ConfigError, load_config

@@ -57,13 +57,16 @@ def command(name: str, add_args: Callable):
 # --- sampling options, shared by sample, edit, eval and synth ---------------------------
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    """The flags of :class:`dalle1.sampling.SamplingOptions` (read back by sampling_options)."""
+def add_sampling_args(p: argparse.ArgumentParser, seed_help: str) -> None:
+    """The flags of :class:`dalle1.sampling.SamplingOptions` (read back by sampling_options),
+    with the seed and the device every sampling command takes."""
     g = p.add_argument_group("sampling")
+    g.add_argument("--seed", type=int, default=0, help=seed_help)
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling over image codes")
     g.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale")
+    g.add_argument("--device", default="cpu", help="torch device to sample on (cpu, cuda, …)")
 
 
 def sampling_options(args: argparse.Namespace) -> SamplingOptions:
@@ -103,13 +106,11 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder written by train.py")
     p.add_argument("--prompt", action="append", required=True, help="caption; repeat for several")
     p.add_argument("--num-images", type=int, default=4, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    add_sampling_args(p)
+    add_sampling_args(p, "image i uses seed + i")
     p.add_argument(
         "--out", default="outputs/samples", help="folder for the PNGs, grid.png and captions.txt"
     )
     p.add_argument("--scale", type=int, default=4, help="upscale factor for grid.png (nearest)")
-    p.add_argument("--device", default="cpu")
     p.add_argument(
         "--rerank",
         action="store_true",
@@ -210,11 +211,9 @@ def add_edit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prompt", action="append", default=None, help="caption (none = the empty caption)"
     )
-    p.add_argument("--seed", type=int, default=0, help="candidate i uses seed + i")
-    add_sampling_args(p)
+    add_sampling_args(p, "candidate i uses seed + i")
     p.add_argument("--out", default="outputs/edits", help="folder for the PNGs and grid.png")
     p.add_argument("--scale", type=int, default=4, help="upscale factor for grid.png (nearest)")
-    p.add_argument("--device", default="cpu")
     add_edit_flags(p)
 
 
@@ -449,9 +448,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         help="zero-shot template with {} for the label (default '{}'); repeat to average",
     )
     p.add_argument("--out", default=None, help="also write the JSON to this file")
-    add_sampling_args(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    add_sampling_args(p, "image i of prompt p uses seed + p * num_images + i")
 
 
 @command("eval", add_eval_args)
@@ -493,9 +490,7 @@ def add_synth_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--out", required=True, help="output folder: <class>/*.png + manifest.jsonl")
     p.add_argument("--batch-size", type=int, default=16, help="images sampled at once")
-    add_sampling_args(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    add_sampling_args(p, "base seed: an image's seed depends on it, its class and index")
 
 
 @command("synth", add_synth_args)

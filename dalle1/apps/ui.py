@@ -81,13 +81,11 @@ def generate(
     prompt: str,
     num_images: int = 4,
     seed: int = 0,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    cond_scale: float = 1.0,
+    options: SamplingOptions = SamplingOptions(),
     candidates: int | None = None,
 ) -> list[tuple[Image.Image, str]]:
-    """Sample ``max(candidates, num_images)`` images; return the best ``num_images``, captioned.
+    """Sample ``max(candidates, num_images)`` images with ``options``; return the best
+    ``num_images``, captioned with score and seed.
 
     Ranking is the pipeline's (``rerank=True, keep=num_images``): the CLIP-style
     scorer when the model folder has one, else the transformer's mean
@@ -95,7 +93,6 @@ def generate(
     """
     if not prompt or not prompt.strip():
         raise ValueError("type a prompt first")
-    options = slider_options(temperature, top_k, top_p, cond_scale)
 
     def call(pool: int, keep: int) -> DALLEOutput:
         return pipe(
@@ -141,10 +138,7 @@ def edit(
     mask: Image.Image | None = None,
     num_images: int = 4,
     seed: int = 0,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    cond_scale: float = 1.0,
+    options: SamplingOptions = SamplingOptions(),
     candidates: int | None = None,
 ) -> list[tuple[Image.Image, str]]:
     """Regenerate a region of ``image`` (``dalle1.editing`` through the pipeline).
@@ -158,7 +152,6 @@ def edit(
         raise ValueError("type a prompt describing the edited image")
     if mask is None and not box:
         raise ValueError("type a box x0,y0,x1,y1 or paint over the region to regenerate")
-    options = slider_options(temperature, top_k, top_p, cond_scale)
 
     def call(pool: int, keep: int) -> DALLEOutput:  # edits come back ranked best first
         return pipe(
@@ -237,7 +230,8 @@ def build_app(model: str | Path | DALLEPipeline, device: str = "cpu"):
             gallery = gr.Gallery(label="images", columns=4, elem_id="results", format="png")
 
             def on_generate(prompt, num, seed, temp, k, p, guide, cands):
-                return generate(pipe, prompt, num, seed, temp, k, p, guide, cands)
+                options = slider_options(temp, k, p, guide)
+                return generate(pipe, prompt, num, seed, options, cands)
 
             go.click(wrap(on_generate), [prompt, *controls], gallery)
             prompt.submit(wrap(on_generate), [prompt, *controls], gallery)
@@ -263,7 +257,8 @@ def build_app(model: str | Path | DALLEPipeline, device: str = "cpu"):
 
             def on_edit(value, prompt, box, num, seed, temp, k, p, guide, cands):
                 image, mask = editor_parts(value)
-                return edit(pipe, image, prompt, box, mask, num, seed, temp, k, p, guide, cands)
+                options = slider_options(temp, k, p, guide)
+                return edit(pipe, image, prompt, box, mask, num, seed, options, cands)
 
             edit_go.click(wrap(on_edit), [editor, edit_prompt, box, *edit_controls], edited)
     return app

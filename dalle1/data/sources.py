@@ -40,7 +40,7 @@ def load_pairs(cfg) -> list[tuple[Path, Path | list[str]]]:
     """(image, caption source) pairs of a folder or manifest dataset, in a fixed order.
 
     The caption source is the ``.txt`` file (folder) or the list of lines
-    (manifest); :class:`CaptionedFolder` reads either. Shards are streamed
+    (manifest); :class:`~dalle1.data.folder.CaptionedFolder` reads either. Shards are streamed
     instead: use :class:`ShardDataset`.
     """
     fmt = data_format(cfg)
