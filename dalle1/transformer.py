@@ -58,6 +58,14 @@ class StreamShape:
         return self.grid * self.grid
 
 
+def _layer_parts(layer: Decoder) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """The four parts of a depth-one x-transformers ``Decoder``: (attention norm, attention,
+    feed-forward norm, feed-forward). ``layer.layers`` holds, per sub-layer (attention
+    first), [its norms (the pre-norm first), the block, the residual] (x-transformers 2.x)."""
+    attn_block, ff_block = layer.layers
+    return attn_block[0][0], attn_block[1], ff_block[0][0], ff_block[1]
+
+
 @dataclass
 class Cache:
     """Key/value cache for decoding: per layer, preallocated ``(B, heads, capacity, dim_head)``.
@@ -81,6 +89,14 @@ class Cache:
 
 
 class DALLE(nn.Module):
+    """The decoder-only transformer over ``[<bos>, text | image codes]`` (paper section 2.2).
+
+    ``forward(text, codes)`` gives the text logits and the image logits of the two heads,
+    ``loss`` DALL-E's 1/8 : 7/8 cross-entropy, ``prefill`` / ``step`` decode with a
+    key/value cache, and ``code_log_likelihood`` scores codes in one pass. Each of the
+    ``cfg.depth`` layers has its own attention mask kind (:mod:`dalle1.masks`).
+    """
+
     def __init__(self, cfg: DALLEConfig, shape: StreamShape, kinds: Sequence[str] | None = None):
         """``kinds`` overrides the per-layer mask kinds that ``cfg.attention`` implies
         (one of ``dense | row | column | conv`` per layer; tests and experiments)."""
@@ -186,8 +202,7 @@ class DALLE(nn.Module):
           nothing but the work. tests/test_transformer.py checks this path against the
           x-transformers forward.
         """
-        attn_block, ff_block = self.layers[i].layers
-        norm, attn, ff_norm, ff = attn_block[0][0], attn_block[1], ff_block[0][0], ff_block[1]
+        norm, attn, ff_norm, ff = _layer_parts(self.layers[i])
         b, n, _ = x.shape
         stop = start + n
         h = norm(x)
