@@ -66,12 +66,20 @@ def add_sampling_args(p: argparse.ArgumentParser, seed_help: str) -> None:
     g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling over image codes")
     g.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale")
+    g.add_argument(
+        "--guidance-top-p",
+        type=float,
+        default=None,
+        help="with guidance, draw only among the conditional model's top-p codes",
+    )
     g.add_argument("--device", default="cpu", help="torch device to sample on (cpu, cuda, …)")
 
 
 def sampling_options(args: argparse.Namespace) -> SamplingOptions:
     """The :class:`SamplingOptions` of the flags :func:`add_sampling_args` added."""
-    return SamplingOptions(args.temperature, args.top_k, args.top_p, args.cond_scale)
+    return SamplingOptions(
+        args.temperature, args.top_k, args.top_p, args.cond_scale, args.guidance_top_p
+    )
 
 
 # --- train -------------------------------------------------------------------------------

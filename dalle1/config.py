@@ -38,6 +38,8 @@ class DataConfig:
     codes: str = ""  # `dalle1 data encode` folder: the dalle stage reads codes, not images
     synthetic_count: int = 0  # >0: generate the built-in shapes set at `path` if it is missing
     synthetic_max_shapes: int = 1  # 1 or 2 shapes per built-in image
+    # "colour shape" pairs no built-in image shows (a compositional benchmark), e.g. ["red square"]
+    synthetic_holdout: list[str] = field(default_factory=list)
     seed: int = 0
 
 

@@ -126,6 +126,7 @@ class DALLEPipeline:
         top_k: int | None = None,
         top_p: float | None = None,
         cond_scale: float = 1.0,
+        guidance_top_p: float | None = None,
         progress: bool = False,
         image: ImageInput | None = None,
         mask_image: MaskInput | None = None,
@@ -153,7 +154,7 @@ class DALLEPipeline:
         ``mask_image`` (white = repaint), repaint that region instead; see
         :meth:`edit` (``candidates`` defaults to ``num_images``).
         """
-        options = SamplingOptions(temperature, top_k, top_p, cond_scale)
+        options = SamplingOptions(temperature, top_k, top_p, cond_scale, guidance_top_p)
         if image is not None or box is not None or mask_image is not None:
             if image is None:
                 raise ValueError("box= / mask_image= need image= (the image to edit)")
@@ -249,6 +250,7 @@ class DALLEPipeline:
         top_k: int | None = None,
         top_p: float | None = None,
         cond_scale: float = 1.0,
+        guidance_top_p: float | None = None,
         composite: bool = True,
         feather: int = 0,
         batch_size: int | None = None,
@@ -280,7 +282,7 @@ class DALLEPipeline:
             text,
             original_codes,
             repaint,
-            options=SamplingOptions(temperature, top_k, top_p, cond_scale),
+            options=SamplingOptions(temperature, top_k, top_p, cond_scale, guidance_top_p),
             candidates=candidates,
             seed=seed,
             null_text=self.tokenizer.pad_row().to(self.device),

@@ -30,7 +30,7 @@ sampling either way.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -83,16 +83,28 @@ class SamplingOptions:
     temperature: divides the logits before the filters; 0 = greedy.
     top_k, top_p: filters over the image vocabulary (see :func:`filter_logits`); None = off.
     cond_scale: classifier-free guidance scale; 1 = plain conditional sampling.
+    guidance_top_p: with guidance, draw only among the codes in the *conditional*
+        distribution's top-p nucleus (None = all codes). Plain guidance
+        ``uncond + s · (cond − uncond)`` boosts any code the unconditional model finds
+        unlikely, however unlikely the caption makes it too; on small models that
+        breaks shapes apart at s ≥ 2. Restricting the guided draw to what the
+        conditional model itself considers plausible keeps guidance's sharpening
+        without those codes (docs/quality.md measures it).
     """
 
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
     cond_scale: float = 1.0
+    guidance_top_p: float | None = None
 
     @property
     def guided(self) -> bool:
         return self.cond_scale != 1.0
+
+    def as_kwargs(self) -> dict:
+        """The flat keywords of :func:`sample_codes` and ``DALLEPipeline.__call__``."""
+        return asdict(self)
 
     def check(self) -> None:
         """One-line errors for values no sampler can use."""
@@ -102,6 +114,8 @@ class SamplingOptions:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.guidance_top_p is not None and not 0 < self.guidance_top_p <= 1:
+            raise ValueError(f"guidance_top_p must lie in (0, 1], got {self.guidance_top_p}")
 
 
 def next_code(
@@ -110,13 +124,17 @@ def next_code(
     """The next code of every row from its logits: guidance, temperature, filters, draw.
 
     With guidance the logits hold the conditional rows, then the unconditional ones, and
-    are mixed ``uncond + s · (cond − uncond)``. Everything runs in float32, whatever
-    autocast gave the transformer.
+    are mixed ``uncond + s · (cond − uncond)``, then (``guidance_top_p``) limited to the
+    conditional distribution's nucleus. Everything runs in float32, whatever autocast
+    gave the transformer.
     """
     logits = logits.float()
     if options.guided:
         cond, uncond = logits.chunk(2)
         logits = uncond + options.cond_scale * (cond - uncond)
+        if options.guidance_top_p is not None:
+            outside = filter_logits(cond, top_p=options.guidance_top_p).isneginf()
+            logits = logits.masked_fill(outside, float("-inf"))
     if options.temperature == 0:
         return logits.argmax(-1)
     filtered = filter_logits(logits / options.temperature, options.top_k, options.top_p)
@@ -159,6 +177,7 @@ def sample_codes(
     top_k: int | None = None,
     top_p: float | None = None,
     cond_scale: float = 1.0,
+    guidance_top_p: float | None = None,
     null_text: torch.Tensor | None = None,
     generators: Generators = None,
     init_codes: torch.Tensor | None = None,
@@ -169,7 +188,7 @@ def sample_codes(
 ) -> torch.Tensor:
     """Sample codes (B, N) for captions ``text`` (B, L); rows may hold different captions.
 
-    temperature, top_k, top_p, cond_scale: see :class:`SamplingOptions`.
+    temperature, top_k, top_p, cond_scale, guidance_top_p: see :class:`SamplingOptions`.
     null_text:  the empty caption (L,) used for the unconditional rows.
     generators: one generator, or one per row (a row then samples the same codes
                 whatever else is in the batch).
@@ -177,7 +196,7 @@ def sample_codes(
     use_cache:  False recomputes the whole stream at every step (tests / benchmarks).
     autocast:   bf16 autocast for the transformer; None = on for CUDA devices with bf16.
     """
-    options = SamplingOptions(temperature, top_k, top_p, cond_scale)
+    options = SamplingOptions(temperature, top_k, top_p, cond_scale, guidance_top_p)
     _check(text, model, options, generators, keep, init_codes)
     guided = options.guided
     if guided and null_text is None:

@@ -41,6 +41,7 @@ ORDER: dict[str, tuple[int, ...]] = {
     "rerank": (11,),
     "data.shapes": (12, 0),
     "data.emoji": (12, 0),
+    "data.detect": (12, 1),
     "data.problems": (12, 1),
     "data.captions": (12, 2),
     "data.folder": (12, 3),
@@ -63,6 +64,7 @@ ORDER: dict[str, tuple[int, ...]] = {
     "apps.synth": (18, 1),
     "apps.explain": (18, 1),
     "apps.ui": (18, 1),
+    "apps.compose": (18, 1),
     "apps": (18, 9),
     "cli": (19,),
 }

@@ -81,13 +81,47 @@ def render(shapes: list[Shape], image_size: int) -> Image.Image:
     return img.resize((image_size, image_size), Image.Resampling.LANCZOS)
 
 
-def random_scene(rng: random.Random, max_shapes: int = 1) -> tuple[list[Shape], list[str]]:
-    """One scene and its captions (most specific first; every line is true of the image)."""
-    colors, kinds = list(COLORS), list(SHAPES)
+def parse_pairs(pairs: list[str] | tuple[str, ...]) -> frozenset[tuple[str, str]]:
+    """``["red square", "blue triangle"]`` -> {("red", "square"), ("blue", "triangle")}.
+
+    These are the colour × shape combinations a compositional benchmark holds out:
+    no image of the built-in set then shows them, in any scene.
+    """
+    found = set()
+    for text in pairs:
+        words = text.split()
+        if len(words) != 2 or words[0] not in COLORS or words[1] not in SHAPES:
+            raise ValueError(
+                f"'{text}' is not a 'colour shape' pair; colours: {', '.join(COLORS)}; "
+                f"shapes: {', '.join(SHAPES)}"
+            )
+        found.add((words[0], words[1]))
+    if len(found) >= len(COLORS) * len(SHAPES):
+        raise ValueError("holding out every colour × shape pair leaves nothing to draw")
+    return frozenset(found)
+
+
+def _pick(rng: random.Random, colors: list[str], holdout: frozenset) -> tuple[str, str]:
+    """A colour and a shape, drawn again while the pair is held out (no extra draws if none is)."""
+    while True:
+        color, kind = rng.choice(colors), rng.choice(SHAPES)
+        if (color, kind) not in holdout:
+            return color, kind
+
+
+def random_scene(
+    rng: random.Random, max_shapes: int = 1, holdout: frozenset = frozenset()
+) -> tuple[list[Shape], list[str]]:
+    """One scene and its captions (most specific first; every line is true of the image).
+
+    ``holdout``: colour × shape pairs (:func:`parse_pairs`) that never appear.
+    """
+    colors = list(COLORS)
     if max_shapes < 2 or rng.random() < 0.5:
         size = rng.choice(list(SIZES))
         place = rng.choice(list(PLACES))
-        s = Shape(rng.choice(colors), rng.choice(kinds), size, PLACES[place])
+        color, kind = _pick(rng, colors, holdout)
+        s = Shape(color, kind, size, PLACES[place])
         captions = [
             f"a {s.describe()} {place}",
             f"a {s.describe(False)} {place}",
@@ -96,10 +130,8 @@ def random_scene(rng: random.Random, max_shapes: int = 1) -> tuple[list[Shape], 
         ]
         return [s], captions
     # two shapes side by side or one above the other
-    a = Shape(rng.choice(colors), rng.choice(kinds), "small", (0.0, 0.0))
-    b = Shape(
-        rng.choice([c for c in colors if c != a.color]), rng.choice(kinds), "small", (0.0, 0.0)
-    )
+    a = Shape(*_pick(rng, colors, holdout), "small", (0.0, 0.0))
+    b = Shape(*_pick(rng, [c for c in colors if c != a.color], holdout), "small", (0.0, 0.0))
     if rng.random() < 0.5:
         x = rng.choice((0.3, 0.5, 0.7))
         a.center, b.center = (x, 0.27), (x, 0.73)
@@ -124,13 +156,18 @@ def make_shapes_dataset(
     seed: int = 0,
     max_shapes: int = 1,
     progress: bool = True,
+    holdout: list[str] | tuple[str, ...] = (),
 ) -> Path:
-    """Write ``count`` images with same-stem caption files to ``out``; deterministic in ``seed``."""
+    """Write ``count`` images with same-stem caption files to ``out``; deterministic in ``seed``.
+
+    ``holdout``: "colour shape" pairs that no image shows (a compositional benchmark).
+    """
+    held = parse_pairs(holdout)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     for i in tqdm(range(count), desc="shapes dataset", disable=not progress):
-        shapes, captions = random_scene(rng, max_shapes)
+        shapes, captions = random_scene(rng, max_shapes, held)
         render(shapes, image_size).save(out / f"{i:06d}.png")
         (out / f"{i:06d}.txt").write_text("\n".join(captions) + "\n")
     return out

@@ -87,6 +87,11 @@ def ensure_dataset(cfg) -> Path:
     path = Path(cfg.path)
     if cfg.synthetic_count > 0 and not any(path.glob("*.txt")):
         make_shapes_dataset(
-            path, cfg.synthetic_count, cfg.image_size, cfg.seed, cfg.synthetic_max_shapes
+            path,
+            cfg.synthetic_count,
+            cfg.image_size,
+            cfg.seed,
+            cfg.synthetic_max_shapes,
+            holdout=cfg.synthetic_holdout,
         )
     return path
