@@ -247,7 +247,7 @@ def test_pre_encoded_codes_equal_on_the_fly(tiny_model, shapes_dir, tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     (out / "meta.json").write_text(json.dumps({**meta, "vae_sha256": "0" * 64}))
     with pytest.raises(ValueError, match="made by another VAE"):
-        fit(cfg)
+        fit(cfg, overwrite=True)
 
 
 def test_both_stages_train_on_shards(shapes_dir, tmp_path):

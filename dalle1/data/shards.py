@@ -161,6 +161,14 @@ def _image_entry(sample: dict[str, bytes]) -> str | None:
     return None
 
 
+def _not_regular(path) -> str | None:
+    try:
+        regular_file(path, "image")
+    except (UnsafeFileError, FileNotFoundError) as err:
+        return getattr(err, "reason", "file not found")
+    return None
+
+
 def _check_replaceable(out: Path) -> None:
     """``data shard`` replaces ``out`` as a whole: refuse a folder that holds anything else."""
     if out.exists() and not out.is_dir():
@@ -185,6 +193,7 @@ def write_shards(
     shard_size: int = 1000,
     prefix: str = "shard",
     progress: bool = True,
+    problems=None,
 ) -> list[Path]:
     """Pack (image, captions) pairs into WebDataset tars ``out/prefix-000000.tar`` …
 
@@ -201,13 +210,15 @@ def write_shards(
         raise ValueError(f"--prefix must be a plain file name prefix, got {prefix!r}")
     out = Path(out)
     _check_replaceable(out)
+    problems = problems if problems is not None else current_problems()
     samples = []
     for image, captions in pairs:
         lines = caption_source_lines(captions)
-        if lines:
+        reason = "empty caption" if not lines else _not_regular(image)
+        if reason is None:
             samples.append((image, lines))
         else:
-            current_problems().record(image, "empty caption")
+            problems.record(image, reason)
     bar = tqdm(total=len(samples), desc="writing shards", disable=not progress)
     names, counts = [], []
     with atomic_folder(out) as tmp:
