@@ -32,6 +32,7 @@ refused before Pillow reads a byte. An image a user hands in to be edited
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -129,7 +130,13 @@ def describe_error(err: BaseException) -> str:
     if "truncated" in text:
         return "truncated file"
     if isinstance(err, Image.DecompressionBombError):
-        return f"too many pixels ({text.split('(')[0].strip()})"
+        numbers = [int(n) for n in re.findall(r"\d+", text)]
+        if len(numbers) >= 2:
+            return (
+                f"too many pixels ({numbers[0]:,}; Pillow's limit against decompression bombs "
+                f"is {numbers[1]:,})"
+            )
+        return f"too many pixels ({text})"
     if isinstance(err, FileNotFoundError):
         return "file not found"
     return f"corrupt image ({type(err).__name__}: {text.splitlines()[0][:120]})"

@@ -602,7 +602,9 @@ def check_training_result(trainer: L.Trainer, module: torch.nn.Module, stage: st
     not already finished) or if a weight or buffer is NaN/Inf. Nothing is exported then."""
     history = next((c for c in trainer.callbacks if isinstance(c, LogHistoryCallback)), None)
     start = history.start_step if history is not None else None
-    if start is not None and trainer.global_step == start and start < trainer.max_steps:
+    if start is None:  # training never started (e.g. no batch arrived to start it)
+        start = 0 if trainer.global_step == 0 else trainer.global_step - 1
+    if trainer.global_step == start and start < trainer.max_steps:
         raise TrainingResultError(
             f"stage {stage} trained nothing (0 optimizer steps from step {start}): no batch of "
             "training data arrived; check data.path and data.val_fraction. Nothing was exported"
