@@ -181,13 +181,18 @@ def test_model_folder_is_always_there_during_exports_and_after_a_kill(tiny_model
     shutil.copytree(tiny_model, target)
     child = run_child(str(tiny_model), str(target), "loop")
     assert child.stdout.readline().strip() == "ready"
-    seen_missing, checks, deadline = 0, 0, time.time() + 6
-    while time.time() < deadline:  # several exports swap the folder meanwhile
+    seen_missing, checks, swaps = 0, 0, set()
+    deadline = time.time() + 60
+    while len(swaps) < 4 and time.time() < deadline:  # watch at least three swaps happen
         checks += 1
+        try:
+            swaps.add(os.stat(target).st_ino)  # every export puts a new folder in place
+        except FileNotFoundError:
+            seen_missing += 1
         seen_missing += not (target / "dalle" / "model.safetensors").is_file()
     child.kill()
     child.wait()
-    assert checks > 1000 and seen_missing == 0
+    assert len(swaps) == 4 and seen_missing == 0, (len(swaps), seen_missing, checks)
     load_parts(target)  # the folder at the instant of the kill is complete
     recover_folder(target)  # the next export (or training run) cleans what the kill left
     assert sorted(p.name for p in target.parent.iterdir()) == ["model"]
@@ -394,7 +399,9 @@ def test_a_run_that_trains_nothing_or_ends_with_nan_weights_exports_nothing(
     cfg = load_config(
         "configs/tiny_vae.yaml", tiny_overrides(shapes_dir, out, "train.nan_policy=skip")
     )
-    with pytest.raises(TrainingResultError, match="ended with .* NaN/Inf values in '.*_codebook.embed"):
+    with pytest.raises(
+        TrainingResultError, match="ended with .* NaN/Inf values in '.*_codebook.embed"
+    ):
         fit(cfg)
     assert not (out / "model").exists()
 
