@@ -44,6 +44,7 @@ from dalle1.training import fit
 from dalle1.training.resilience import (
     CheckpointError,
     TrainingResultError,
+    prepare_out_dir,
     safe_torch_load,
     trim_history,
 )
@@ -348,7 +349,7 @@ def test_yaml_floats_like_3e_minus_4(tmp_path):
 
 
 def test_a_fresh_run_refuses_an_old_out_dir_and_overwrite_starts_clean(
-    shapes_dir, tmp_path, capsys
+    shapes_dir, tmp_path, capsys, monkeypatch
 ):
     out = tmp_path / "run"
     args = [
@@ -367,6 +368,11 @@ def test_a_fresh_run_refuses_an_old_out_dir_and_overwrite_starts_clean(
     assert "--resume" in line and "--overwrite" in line
     assert main([*args, "--overwrite"], command_name="train") == 0
     assert not stale.exists() and loss_steps(out) == [0, 1]
+    # the other ranks of a multi-process run neither refuse nor clear what rank 0 writes
+    stale.write_text("{}")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert prepare_out_dir(load_config(None, [f"train.out_dir={out}"]), overwrite=True) == out
+    assert stale.exists()
 
 
 def test_a_run_that_trains_nothing_or_ends_with_nan_weights_exports_nothing(

@@ -503,12 +503,20 @@ def _config_value(values: dict, key: str) -> Any:
     return (values.get(section) or {}).get(name)
 
 
+def is_primary_process() -> bool:
+    """False in the other processes of a multi-process run (Lightning's launcher, torchrun and
+    SLURM set these variables), which must not judge or clear the folder rank 0 writes."""
+    ranks = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    return all((os.environ.get(k) or "0").strip() in ("0", "") for k in ranks)
+
+
 def prepare_out_dir(config: Config, resume: bool = False, overwrite: bool = False) -> Path:
     """Check ``train.out_dir`` before anything is read or trained; returns it.
 
     - it must be (or become) a writable folder;
     - a fresh run into a folder holding an earlier run is refused (stale checkpoints, a
-      stale ``tokenizer.json`` …) unless ``overwrite``, which deletes that run's files;
+      stale ``tokenizer.json`` …) unless ``overwrite``, which deletes that run's files
+      (only the primary process judges and clears it: see :func:`is_primary_process`);
     - ``resume`` needs ``checkpoints/last.ckpt`` and the same architecture as the run
       being resumed (from its ``config.json``).
     """
@@ -531,6 +539,8 @@ def prepare_out_dir(config: Config, resume: bool = False, overwrite: bool = Fals
         if not last.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at '{last}'")
         check_same_architecture(config, out / "config.json")
+        return out
+    if not is_primary_process():  # rank 0 checked (and maybe cleared) it and is writing now
         return out
     found = [name for name in RUN_FILES if (out / name).exists()]
     if found and not overwrite:
