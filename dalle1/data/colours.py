@@ -58,18 +58,13 @@ def from_grey_and_chroma(g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return rgb.clamp(0, 1)
 
 
-def rotate_chroma(c: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Rotate chroma (B, 2, H, W) by ``angle`` (B,) radians and scale it by ``scale`` (B,)."""
-    cos, sin = (torch.cos(angle) * scale)[:, None, None], (torch.sin(angle) * scale)[:, None, None]
-    u, v = c[:, 0], c[:, 1]
-    return torch.stack([cos * u - sin * v, sin * u + cos * v], 1)
-
-
 def random_hue(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Rotate the hue of every image of (B, 3, H, W) by its own uniform random angle."""
-    angle = torch.rand(len(images), generator=generator, device=images.device) * 2 * math.pi
+    angle = torch.rand(len(images), generator=generator).to(images.device) * 2 * math.pi
     g, c = grey_and_chroma(images)
-    return from_grey_and_chroma(g, rotate_chroma(c, angle, torch.ones_like(angle)))
+    cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+    u, v = c[:, 0], c[:, 1]
+    return from_grey_and_chroma(g, torch.stack([cos * u - sin * v, sin * u + cos * v], 1))
 
 
 @dataclass(frozen=True)
@@ -95,31 +90,58 @@ class Colour:
         return tuple(x.flatten().tolist())
 
 
+HUE_WIDTH = math.radians(12)  # how sharply a pixel belongs to the nearest source hue
+
+
+def _angle(a: torch.Tensor | float) -> torch.Tensor | float:
+    """Wrap angles to (-pi, pi]."""
+    return (a + math.pi) % (2 * math.pi) - math.pi
+
+
 @dataclass(frozen=True)
 class Recolour:
-    """Maps colour ``source`` exactly onto ``target``: chroma rotated and scaled, grey lifted."""
+    """Sends each ``sources[k]`` colour exactly onto ``targets[k]``.
 
-    source: Colour
-    target: Colour
+    Per source colour: rotate and scale the chroma, lift the grey in proportion to the
+    chroma (so blends with grey map onto the same blends). A pixel takes the transform
+    of the source hue nearest its own hue (softly, over ``HUE_WIDTH``), so a caption
+    with several colour words can send each to its own new colour.
+    """
+
+    sources: tuple[Colour, ...]
+    targets: tuple[Colour, ...]
+
+    def _params(self) -> torch.Tensor:
+        """(K, 4): source hue, rotation, chroma scale and grey lift of each pair."""
+        return torch.tensor(
+            [
+                [s.hue, _angle(t.hue - s.hue), t.chroma / s.chroma, (t.grey - s.grey) / s.chroma]
+                for s, t in zip(self.sources, self.targets)
+            ]
+        )
+
+    def apply_gc(self, g: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grey (B, H, W) and chroma (B, 2, H, W) -> the recoloured pair."""
+        params = self._params().to(c)
+        hue = torch.atan2(c[:, 1], c[:, 0])  # noisy where chroma ~ 0, harmless there
+        distance = _angle(hue[..., None] - params[:, 0])  # (B, H, W, K)
+        weight = (-(distance**2) / (2 * HUE_WIDTH**2)).softmax(-1)
+        rotation, scale, lift = ((weight * params[:, i]).sum(-1) for i in (1, 2, 3))
+        chroma = c.norm(dim=1)
+        cos, sin = torch.cos(rotation) * scale, torch.sin(rotation) * scale
+        u, v = c[:, 0], c[:, 1]
+        return g + lift * chroma, torch.stack([cos * u - sin * v, sin * u + cos * v], 1)
 
     def colour(self, c: Colour) -> Colour:
         """Where this recolouring sends a prototype colour."""
         g, ch = self.apply_gc(torch.tensor([[[c.grey]]]), torch.tensor([[[[c.u]], [[c.v]]]]))
         return Colour(float(g), float(ch[0, 0]), float(ch[0, 1]))
 
-    def apply_gc(self, g: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s, t = self.source, self.target
-        angle = torch.full((len(c),), t.hue - s.hue)
-        scale = torch.full((len(c),), t.chroma / s.chroma)
-        lift = (t.grey - s.grey) / s.chroma  # grey rises in proportion to chroma
-        return g + lift * c.norm(dim=1), rotate_chroma(c, angle, scale)
-
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Recolour (B, 3, H, W) or (3, H, W) images in [0, 1]."""
         single = images.ndim == 3
         batch = images[None] if single else images
-        g, c = grey_and_chroma(batch)
-        out = from_grey_and_chroma(*self.apply_gc(g, c))
+        out = from_grey_and_chroma(*self.apply_gc(*grey_and_chroma(batch)))
         return out[0] if single else out
 
 
@@ -198,7 +220,7 @@ class ColourLexicon:
             found[word] = Colour(float(g[index][mask][pick].mean()), *cw.mean(0).tolist())
         return cls(found)
 
-    def nearest(self, colour: Colour, tolerance: float) -> str | None:
+    def nearest(self, colour: Colour, tolerance: float = 0.12) -> str | None:
         """The colour word whose prototype lies within ``tolerance`` (RGB distance) of ``colour``."""
         best, distance = None, tolerance
         rgb = torch.tensor(colour.rgb())
@@ -209,31 +231,31 @@ class ColourLexicon:
         return best
 
     def swap(
-        self, lines: list[str], rng: random.Random, tolerance: float = 0.12
+        self, lines: list[str], rng: random.Random, min_separation: float = math.radians(40)
     ) -> tuple[Recolour, list[str]] | None:
         """A recolouring of an image with these caption lines, and the rewritten lines.
 
-        A recolouring sends one colour word's prototype onto another's; it is valid when
-        every other colour word of the caption then lands within ``tolerance`` (RGB
-        distance) of a colour word, no two on the same one. One valid recolouring is
-        drawn at random; None when there is none (leave the image as it is). Words are
+        The caption's colour words are sent to distinct colour words drawn at random (at
+        least one of them changes). None — leave the image as it is — when the caption
+        names no colour word, or two of its colours are too close in hue (under
+        ``min_separation``) for each pixel to be told to which one it belongs. Words are
         replaced whole and case-insensitively, keeping the rest of the line.
         """
         present = sorted(caption_words(lines) & set(self.colours))
-        choices = []
-        for source in present:
-            for target in sorted(set(self.colours) - {source}):
-                recolour = Recolour(self.colours[source], self.colours[target])
-                mapping = {source: target}
-                for word in present:
-                    if word != source:
-                        mapping[word] = self.nearest(recolour.colour(self.colours[word]), tolerance)
-                values = list(mapping.values())
-                if None not in values and len(set(values)) == len(values):
-                    choices.append((recolour, mapping))
-        if not choices:
+        if not present or len(self.colours) < 2:
             return None
-        recolour, mapping = rng.choice(choices)
+        hues = [self.colours[w].hue for w in present]
+        for i, a in enumerate(hues):
+            if any(abs(_angle(a - b)) < min_separation for b in hues[i + 1 :]):
+                return None
+        while True:
+            targets = rng.sample(sorted(self.colours), len(present))
+            if targets != present:
+                break
+        mapping = dict(zip(present, targets))
+        recolour = Recolour(
+            tuple(self.colours[w] for w in present), tuple(self.colours[w] for w in targets)
+        )
 
         def rename(match: re.Match) -> str:
             new = mapping.get(match.group(0).lower())
