@@ -121,7 +121,11 @@ class TrainConfig:
     accelerator: str = "auto"  # cpu | gpu | auto
     devices: Any = 1
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | fsdp
+    strategy: str = "auto"  # auto | ddp | fsdp (the transformer sharded per layer, FSDP2)
+    activation_checkpointing: bool = False  # recompute each transformer layer in backward
+    peak_flops: float = (
+        0.0  # device peak FLOP/s for MFU; 0 = A100/H100/H200 datasheet, else measured
+    )
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     accumulate_grad_batches: int = 1
     log_every: int = 10

@@ -9,7 +9,9 @@ held-out figures to ``train.out_dir/metrics.json``, and exports the model folder
 to ``train.out_dir/model``.
 
 Multi-GPU / multi-node training is Lightning's job: ``train.strategy``,
-``train.devices`` and ``train.num_nodes`` go straight to its ``Trainer``.
+``train.devices`` and ``train.num_nodes`` go straight to its ``Trainer``, except
+``train.strategy: fsdp``, which shards the transformer per layer with FSDP2
+(:mod:`dalle1.training.sharding`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from ..checkpoint import ModelFolderError, export_model, load_vae, read_json, save_clip
 from ..clip import CLIPScorer
-from ..config import Config
+from ..config import Config, TrainConfig
 from ..data import data_format, load_pairs, split_pairs
 from ..data.problems import current_problems, use_problem_log
 from ..data.sources import ensure_dataset
@@ -36,7 +38,9 @@ from ..text import TextTokenizer
 from ..transformer import StreamShape
 from .datamodule import CodesDataModule, ImagesDataModule
 from .resilience import AtomicCheckpointIO, DataReportCallback, ResumeStateCallback
+from .sharding import ShardedDataParallel, gathered_model
 from .systems import CLIPModule, DALLEModule, VAEModule
+from .throughput import ThroughputCallback
 
 # Lightning 2.6 warns about its own use of torch's pytree API on every run; not ours to fix.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
@@ -125,9 +129,12 @@ def _fit_dalle(
         tokenizer.vocab_size, tokenizer.text_len, vae.codebook_size, vae.grid_size, tokenizer.bos_id
     )
     module = DALLEModule(config, shape, tokenizer.pad_row())
-    trainer = make_trainer(config, out, callbacks)
+    throughput = ThroughputCallback(config.train.peak_flops, config.train.log_every)
+    trainer = make_trainer(config, out, [throughput, *(callbacks or [])])
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-    dalle = module.dalle.eval()
+    dalle = gathered_model(module.dalle, trainer.global_rank)  # sharded: whole on rank 0 only
+    if dalle is not None:
+        dalle.eval()
     if trainer.is_global_zero and data.val_codes is not None:
         _write_metrics(out, evaluate_dalle(dalle, tokenizer, data.val_codes, data.val_captions))
     return (
@@ -241,7 +248,12 @@ class StepProgressBar(TQDMProgressBar):
 def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.Trainer:
     t = config.train
     ckpt = ModelCheckpoint(
-        dirpath=out / "checkpoints", every_n_train_steps=t.ckpt_every, save_last=True, save_top_k=1
+        dirpath=out / "checkpoints",
+        every_n_train_steps=t.ckpt_every,
+        # a sharded checkpoint is a folder as large as the training state: write it once and
+        # point last.ckpt at it instead of writing it twice
+        save_last="link" if _sharded(t.strategy) else True,
+        save_top_k=1,
     )
     bar = StepProgressBar(f"training {t.stage}")
     return L.Trainer(
@@ -251,7 +263,7 @@ def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=trainer_strategy(t),
         precision=t.precision,
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.grad_clip or None,
@@ -269,8 +281,22 @@ def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
         limit_val_batches=0,
+        use_distributed_sampler=False,  # ResumableSampler deals each pass out over the ranks
         num_sanity_val_steps=0,
     )
+
+
+def trainer_strategy(t: TrainConfig):
+    """Lightning's strategy for ``train.strategy``: ``fsdp`` is dalle1's FSDP2 set-up
+    (:class:`~dalle1.training.sharding.ShardedDataParallel`), anything else Lightning's own."""
+    if t.strategy != "fsdp":
+        return t.strategy
+    if t.stage != "dalle":
+        raise ValueError(
+            f"train.strategy=fsdp shards the transformer (train.stage dalle); "
+            f"train stage {t.stage} with train.strategy=ddp"
+        )
+    return ShardedDataParallel()
 
 
 def _sharded(strategy) -> bool:
