@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lightning's launcher re-runs this script for rank 1, so it is a file with a __main__ guard.
 SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, os, sys, time
     from pathlib import Path
 
     import lightning as L
@@ -70,6 +70,10 @@ SCRIPT = textwrap.dedent(
             (self.out / f"{self.name}_{trainer.global_rank}.json").write_text(json.dumps(info))
 
 
+    def trainer_rank():
+        return int(os.environ.get("LOCAL_RANK", "0"))
+
+
     class StopAt(L.Callback):  # a pre-empted job: stops cleanly after step 2 of 4
         def on_train_batch_end(self, trainer, *args):
             if trainer.global_step == 2:
@@ -91,6 +95,8 @@ SCRIPT = textwrap.dedent(
         run = f"train.out_dir={out}/fsdp"
         fit(config(run), callbacks=[Recorder(out, "first"), StopAt()])
         fit(config(run), resume=True, callbacks=[Recorder(out, "resumed")])
+        if trainer_rank() == 0:  # rank 1 runs ahead into the next run's out_dir: it must
+            time.sleep(2)  # leave it to rank 0 to judge (no tokenizer.json written first)
         bf16 = ["train.precision=bf16-mixed", "train.activation_checkpointing=true"]
         fit(config(f"train.out_dir={out}/bf16", "train.max_steps=2", *bf16),
             callbacks=[Recorder(out, "bf16")])
