@@ -93,8 +93,14 @@ def loss_curves_picture(
     heading: str,
     lines: list[str] = (),
     held_out: dict[str, float] | None = None,
+    unit: str = "nats",
 ) -> Image.Image:
-    """Each logged loss against the optimizer step, log axis; held-out values as points."""
+    """Each logged loss against the optimizer step, log axis; held-out values as points.
+
+    ``held_out`` is a run's ``metrics.json``: the figures of :data:`HELD_OUT` are drawn
+    as stars on their curve at the last step; an ``mse`` is drawn on ``recon_loss``
+    when ``unit`` is "MSE" (a VAE trained with the MSE loss).
+    """
     if not series:
         raise ValueError("no loss column (loss, text_loss, image_loss, recon_loss) in the log")
     held_out = held_out or {}
@@ -124,28 +130,37 @@ def loss_curves_picture(
         ax.plot(
             steps, running_mean(values, window), color=color, linewidth=1.8, label=CURVE_NAMES[key]
         )
-    for name, (curve, factor) in HELD_OUT.items():
-        if name in held_out and curve in series:
-            value = held_out[name] * factor
-            if value > 0 or not positive:
-                ax.plot(
-                    [last_step],
-                    [value],
-                    marker="*",
-                    markersize=12,
-                    linestyle="none",
-                    color=hex_color(CURVE_COLORS[curve]),
-                    markeredgecolor="black",
-                    label=f"held-out: {held_out[name]:.3g} bits = {value:.3g} nats",
-                )
+    stars = [
+        (
+            curve,
+            held_out[name] * factor,
+            f"held-out: {held_out[name]:.3g} bits = {held_out[name] * factor:.3g} nats",
+        )
+        for name, (curve, factor) in HELD_OUT.items()
+        if name in held_out
+    ]
+    if unit == "MSE" and "mse" in held_out:
+        stars.append(("recon_loss", held_out["mse"], f"held-out MSE: {held_out['mse']:.2g}"))
+    for curve, value, label in stars:
+        if curve in series and (value > 0 or not positive):
+            ax.plot(
+                [last_step],
+                [value],
+                marker="*",
+                markersize=12,
+                linestyle="none",
+                color=hex_color(CURVE_COLORS[curve]),
+                markeredgecolor="black",
+                label=label,
+            )
     if positive:
         ax.set_yscale("log")
         ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_locator(ticker.NullLocator())
-        ax.set_ylabel("loss (nats, log scale)")
+        ax.set_ylabel(f"loss ({unit}, log scale)")
     else:
-        ax.set_ylabel("loss (linear scale: some values are ≤ 0)")
+        ax.set_ylabel(f"loss ({unit}; linear: some values are ≤ 0)")
     ax.xaxis.set_major_locator(ticker.MaxNLocator(nbins=8, integer=True))
     ax.set_xlabel("optimizer step")
     ax.grid(True, which="major", alpha=0.3)

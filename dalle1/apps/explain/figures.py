@@ -14,6 +14,7 @@ Every picture carries its title twice: drawn at the top, and as ``info["title"]`
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from PIL import Image, ImageFont, PngImagePlugin
 
 from ...images import to_uint8
@@ -54,10 +56,19 @@ def hex_color(rgb: tuple[int, int, int]) -> str:
     return "#{:02x}{:02x}{:02x}".format(*rgb)
 
 
+@functools.cache
+def _renderer():
+    return new_figure(10, 10).canvas.get_renderer()
+
+
 def text_px(s: str, pt: float = TEXT_PT, bold: bool = False) -> int:
-    """About how wide ``s`` is in pixels at ``pt`` points (DejaVu Sans, DPI px per inch)."""
-    longest = max((len(line) for line in s.split("\n")), default=0)
-    return round(longest * pt * DPI / 72 * (0.66 if bold else 0.6))
+    """How wide ``s`` (its longest line) is in pixels at ``pt`` points, as matplotlib draws it."""
+    props = FontProperties(size=pt, weight="bold" if bold else "normal")
+    widths = [
+        _renderer().get_text_width_height_descent(line, props, ismath=False)[0]
+        for line in s.split("\n")
+    ]
+    return math.ceil(max(widths, default=0))
 
 
 def font(size: int = 12) -> ImageFont.ImageFont:

@@ -90,7 +90,7 @@ def raster_frames(
         images = torch.cat([vae.decode(chunk.to(device)).cpu() for chunk in prefix.split(64)])
     px = size // grid
     width, height, x0 = frame_geometry(size, scale)
-    shown = caption if len(caption) <= 56 else caption[:55] + "…"
+    shown = caption if len(caption) <= 36 else caption[:35] + "…"
     frames = []
     for image, t in zip(images, steps):
         pic = tensor_to_pil(image).resize((size * scale, size * scale), Image.Resampling.NEAREST)
@@ -105,7 +105,8 @@ def raster_frames(
         frame = Image.new("RGB", (width, height), BACKGROUND)
         frame.paste(pic, (x0, HEADER_H))
         head = ImageDraw.Draw(frame)
-        head.text((6, 4), f'"{shown}"' if caption else "(empty caption)", fill=INK, font=font(13))
+        said = f'"{shown}"' if caption else "the empty caption"
+        head.text((6, 4), f"raster-order sampling of {said}", fill=INK, font=font(13))
         if t == 0:
             status = f"step 0 / {n}: the caption is read, no code yet"
         else:
@@ -341,7 +342,7 @@ def edit_picture(
 ) -> Mosaic:
     """Repaint ``box`` of ``image`` (3, H, W at the model's size) for ``prompt``; show why."""
     size, grid = pipe.vae.cfg.image_size, pipe.vae.grid_size
-    box = box or centre_box(size)
+    box = tuple(int(v) if float(v).is_integer() else v for v in (box or centre_box(size)))
     out = pipe.edit(
         tensor_to_pil(image), prompt, box=box, candidates=candidates, seed=seed, **asdict(options)
     )

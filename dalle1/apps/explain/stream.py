@@ -99,7 +99,9 @@ def stream_layout(tokenizer: TextTokenizer, shape: StreamShape, prompt: str) -> 
     img = Image.new("RGB", layout_size(L, grid), BACKGROUND)
     draw = ImageDraw.Draw(img)
     big, fnt, small = font(18), font(13), font(10)
-    heading = f"the token stream: one caption's text tokens, then {N} image codes (paper §2.2)"
+    heading = (
+        f"the token stream: one caption's text tokens, then {N} image codes (paper section 2.2)"
+    )
     draw.text((MARGIN, MARGIN - 4), heading, fill=INK, font=big)
     draw.text((MARGIN, MARGIN + TITLE_H), f'caption: "{prompt}"', fill=INK, font=fnt)
     x = MARGIN

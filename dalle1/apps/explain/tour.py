@@ -278,7 +278,11 @@ def explain(
             ]
         lines += [line] if line else []
         lines.append(f"from {log.parent.name}/{log.name} of {log.parent.parent.name}")
-        keep_picture(name, loss_curves_picture(series, heading, lines, held))
+        if part is None:
+            unit = "nats"
+        else:
+            unit = {"mse": "MSE", "l1": "mean absolute error"}.get(cfg.vae.recon_loss, "nats")
+        keep_picture(name, loss_curves_picture(series, heading, lines, held, unit))
     bar.update()
     bar.close()
     return result
