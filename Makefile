@@ -44,7 +44,7 @@ explain-docs: $(STAMP)
 	test -f outputs/demo/dalle/model/config.json || $(MAKE) demo
 	rm -rf docs/images/tour
 	$(VENV)/bin/dalle1 explain --model outputs/demo/dalle/model --out docs/images/tour $(EXPLAIN_ARGS)
-	$(VENV)/bin/jupytext --quiet --to ipynb docs/tour.py -o docs/tour.ipynb
+	$(VENV)/bin/jupytext --quiet --update --to ipynb docs/tour.py -o docs/tour.ipynb
 
 test: $(UI_STAMP)
 	$(PY) -m pytest tests
