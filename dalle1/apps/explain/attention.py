@@ -52,6 +52,7 @@ from .figures import (
     read_cells,
     text,
     title,
+    title_height,
     upscale,
 )
 
@@ -201,8 +202,7 @@ def stream_panels(
     sides = [s.size * k for (_, s, _, _), k in zip(specs, scales)]
     left, gap = 96, 110
     width = max(left + sum(sides) + gap * (len(sides) - 1) + 40, 900)
-    probe = new_figure(width, 100)
-    top = title(probe, heading, lines) + 3 * 16 + 8
+    top = title_height(lines) + 3 * 16 + 8  # then two lines of panel heading
     height = top + max(sides) + 130
     fig = new_figure(width, height)
     title(fig, heading, lines)

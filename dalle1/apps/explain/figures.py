@@ -99,6 +99,11 @@ def text(fig: Figure, x: float, y: float, s: str, **kwargs) -> None:
     fig.text(x / width, 1 - y / height, s, **kwargs)
 
 
+def title_height(lines: list[str] = ()) -> int:
+    """Pixel rows :func:`title` takes for a heading and ``lines`` subtitle lines."""
+    return 10 + 28 + LINE_PX * len(lines) + 6
+
+
 def title(fig: Figure, heading: str, lines: list[str] = ()) -> int:
     """Draw the heading and its subtitle lines at the top; returns the pixel row below them."""
     text(fig, 16, 10, heading, fontsize=TITLE_PT, weight="bold")
@@ -106,7 +111,7 @@ def title(fig: Figure, heading: str, lines: list[str] = ()) -> int:
     for line in lines:
         text(fig, 16, y, line, color=hex_color(INK))
         y += LINE_PX
-    return y + 6
+    return title_height(lines)
 
 
 def axes_px(fig: Figure, box: tuple[float, float, float, float]):
@@ -220,7 +225,7 @@ def mosaic(
     left = 16 + (max(text_px(s) for s in row_labels) + 12 if row_labels else 0)
     n_lines = max((len(c.split("\n")) for row in captions or [] for c in row), default=0)
     cap_h = n_lines * 13 + (14 if n_lines else 0)  # captions, then room before the next row
-    top0 = 10 + 28 + LINE_PX * len(lines) + 6 + (LINE_PX if col_labels else 0)
+    top0 = title_height(lines) + (LINE_PX if col_labels else 0)
     width = max(
         min_width,
         left + ncols * (w + GAP) + 16,
