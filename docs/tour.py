@@ -93,7 +93,7 @@ vae_cfg = load_config(
         "train.sample_every=0",
     ],
 )
-vae_folder = fit(vae_cfg)  # generates the data set first, then trains stage 1
+vae_folder = fit(vae_cfg, overwrite=True)  # makes the data set, then trains stage 1
 pairs = find_pairs(data_dir)
 size = vae_cfg.vae.image_size
 examples = torch.stack([load_image(p, size) for p, _ in pairs[:8]])
@@ -160,7 +160,7 @@ dalle_cfg = load_config(
         "dalle.attention=dalle",
     ],
 )
-model_folder = fit(dalle_cfg)
+model_folder = fit(dalle_cfg, overwrite=True)
 pipe = DALLEPipeline.from_pretrained(model_folder)
 shape = pipe.dalle.shape
 print(shape)
