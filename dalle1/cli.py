@@ -562,11 +562,14 @@ def add_explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder written by train.py")
     p.add_argument("--out", default="outputs/explain", help="folder for the pictures")
     p.add_argument("--prompt", default=None, help="caption for the stream layout and animation")
-    p.add_argument("--seed", type=int, default=0, help="seed of the animated sample")
     p.add_argument(
         "--images", nargs="*", default=None, help="images to reconstruct (default: the data folder)"
     )
     p.add_argument("--schedule-only", action="store_true", help="draw only the configured masks")
+    p.add_argument("--edit-image", default=None, help="image to edit (default: the first example)")
+    p.add_argument("--edit-prompt", default=None, help="caption of the edit (default: --prompt)")
+    p.add_argument("--edit-box", default=None, help="x0,y0,x1,y1 pixels (default: the middle half)")
+    add_sampling_args(p, "the animated sample uses --seed")
 
 
 @command("explain", add_explain_args)
@@ -579,6 +582,11 @@ def run_explain(args: argparse.Namespace) -> None:
         seed=args.seed,
         images=args.images,
         all_kinds=not args.schedule_only,
+        edit_image=args.edit_image,
+        edit_prompt=args.edit_prompt,
+        edit_box=None if args.edit_box is None else parse_box(args.edit_box),
+        options=sampling_options(args),
+        device=args.device,
     )
     for name in result.files:
         print(f"wrote {Path(args.out) / name}")
