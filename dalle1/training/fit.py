@@ -9,7 +9,9 @@ held-out figures to ``train.out_dir/metrics.json``, and exports the model folder
 to ``train.out_dir/model``.
 
 Multi-GPU / multi-node training is Lightning's job: ``train.strategy``,
-``train.devices`` and ``train.num_nodes`` go straight to its ``Trainer``.
+``train.devices`` and ``train.num_nodes`` go straight to its ``Trainer``, except
+``train.strategy: fsdp``, which shards the transformer per layer with FSDP2
+(:mod:`dalle1.training.sharding`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from ..checkpoint import (
     save_clip,
 )
 from ..clip import CLIPScorer
-from ..config import Config
+from ..config import Config, TrainConfig
 from ..data import data_format, load_pairs, split_pairs
 from ..data.problems import current_problems, use_problem_log
 from ..data.sources import ensure_dataset
@@ -49,9 +51,12 @@ from .resilience import (
     ResumeStateCallback,
     check_trainer_settings,
     check_training_result,
+    is_primary_process,
     prepare_out_dir,
 )
+from .sharding import ShardedDataParallel, gathered_model
 from .systems import CLIPModule, DALLEModule, VAEModule
+from .throughput import ThroughputCallback
 
 # Lightning 2.6 warns about its own use of torch's pytree API on every run; not ours to fix.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
@@ -75,7 +80,7 @@ def fit(
     """
     t = config.train
     out = prepare_out_dir(config, resume, overwrite)
-    check_trainer_settings(config)
+    check_trainer_settings(config, trainer_strategy(config.train))
     if t.threads:
         torch.set_num_threads(t.threads)
     L.seed_everything(t.seed, workers=True, verbose=False)
@@ -154,10 +159,15 @@ def _fit_dalle(
         tokenizer.vocab_size, tokenizer.text_len, vae.codebook_size, vae.grid_size, tokenizer.bos_id
     )
     module = DALLEModule(config, shape, tokenizer.pad_row())
-    trainer = make_trainer(config, out, callbacks)
+    throughput = ThroughputCallback(config.train.peak_flops, config.train.log_every)
+    trainer = make_trainer(config, out, [throughput, *(callbacks or [])])
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-    check_training_result(trainer, module, "dalle")
-    dalle = module.dalle.eval()
+    dalle = gathered_model(module.dalle, trainer.global_rank)  # sharded: whole on rank 0 only
+    # sharded, the weights are checked once gathered (rank 0); the other ranks check the steps
+    whole = module if dalle is module.dalle else dalle
+    check_training_result(trainer, whole if whole is not None else torch.nn.Module(), "dalle")
+    if dalle is not None:
+        dalle.eval()
     if trainer.is_global_zero and data.val_codes is not None:
         _write_metrics(out, evaluate_dalle(dalle, tokenizer, data.val_codes, data.val_captions))
     return (
@@ -232,8 +242,10 @@ def _tokenizer(config: Config, out: Path, captions: list[str]) -> TextTokenizer:
     tokenizer = TextTokenizer.train(
         captions, tx.vocab_size, tx.text_len, tx.bpe_dropout, tx.lowercase
     )
-    # a run killed here never leaves half a tokenizer for --resume
-    atomic_write(path, lambda fh: fh.write(tokenizer.tokenizer.to_str(pretty=True).encode()))
+    # the other ranks train the same BPE but leave the file to rank 0: one that runs ahead
+    # (rank 0 still exporting a previous run) would make rank 0 see a used out_dir
+    if is_primary_process():  # a run killed here never leaves half a tokenizer for --resume
+        atomic_write(path, lambda fh: fh.write(tokenizer.tokenizer.to_str(pretty=True).encode()))
     return tokenizer
 
 
@@ -276,7 +288,12 @@ class StepProgressBar(TQDMProgressBar):
 def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.Trainer:
     t = config.train
     ckpt = ModelCheckpoint(
-        dirpath=out / "checkpoints", every_n_train_steps=t.ckpt_every, save_last=True, save_top_k=1
+        dirpath=out / "checkpoints",
+        every_n_train_steps=t.ckpt_every,
+        # a sharded checkpoint is a folder as large as the training state: write it once and
+        # point last.ckpt at it instead of writing it twice
+        save_last="link" if _sharded(t.strategy) else True,
+        save_top_k=1,
     )
     bar = StepProgressBar(f"training {t.stage}")
     return L.Trainer(
@@ -286,7 +303,7 @@ def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=trainer_strategy(t),
         precision=t.precision,
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.grad_clip or None,
@@ -305,8 +322,22 @@ def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
         limit_val_batches=0,
+        use_distributed_sampler=False,  # ResumableSampler deals each pass out over the ranks
         num_sanity_val_steps=0,
     )
+
+
+def trainer_strategy(t: TrainConfig):
+    """Lightning's strategy for ``train.strategy``: ``fsdp`` is dalle1's FSDP2 set-up
+    (:class:`~dalle1.training.sharding.ShardedDataParallel`), anything else Lightning's own."""
+    if t.strategy != "fsdp":
+        return t.strategy
+    if t.stage != "dalle":
+        raise ValueError(
+            f"train.strategy=fsdp shards the transformer (train.stage dalle); "
+            f"train stage {t.stage} with train.strategy=ddp"
+        )
+    return ShardedDataParallel()
 
 
 def _sharded(strategy) -> bool:
