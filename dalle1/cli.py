@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .apps.compose import TEMPLATE, composition_report, model_holdout, tokenizer_report
 from .apps.evaluate import evaluate, read_prompts
 from .apps.explain import explain
 from .apps.synth import synthesize
@@ -466,11 +467,29 @@ def run_classify(args: argparse.Namespace) -> None:
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder (clip/ enables the scorer figures)")
-    p.add_argument("--data", required=True, help="captioned folder (image + same-stem .txt)")
+    p.add_argument("--data", default=None, help="captioned folder (image + same-stem .txt)")
     p.add_argument(
         "--prompts",
-        required=True,
+        default=None,
         help='JSONL {"prompt": ..., "label": ...} or lines "label<TAB>prompt" / "prompt"',
+    )
+    g = p.add_argument_group(
+        "composition (built-in shapes): seen vs never-seen colour x shape pairs, no --data needed"
+    )
+    g.add_argument("--compose", action="store_true", help="report the compositional benchmark")
+    g.add_argument(
+        "--holdout",
+        default=None,
+        help="never-seen pairs, comma-separated ('red square,blue triangle'); "
+        "default: data.synthetic_holdout of the model's training config",
+    )
+    g.add_argument("--scales", default="1,2,3", help="guidance scales to report, comma-separated")
+    g.add_argument("--per-prompt", type=int, default=8, help="samples judged per pair and scale")
+    g.add_argument(
+        "--rerank-candidates",
+        type=int,
+        default=32,
+        help="also report the best --per-prompt of this many, reranked (0 = skip)",
     )
     p.add_argument(
         "--split",
@@ -493,7 +512,12 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 @command("eval", add_eval_args)
 def run_eval(args: argparse.Namespace) -> None:
-    """Held-out bits per token, scorer figures with and without reranking, label accuracy."""
+    """Held-out bits per token, scorer figures with and without reranking, label accuracy;
+    or (--compose) seen vs never-seen accuracy on the built-in shapes."""
+    if args.compose:
+        return run_compose(args)
+    if args.data is None or args.prompts is None:
+        raise ValueError("dalle1 eval needs --data and --prompts (or --compose)")
     prompts = read_prompts(args.prompts)
     if args.keep > args.num_images:
         raise ValueError(f"--keep {args.keep} is more than --num-images {args.num_images}")
@@ -617,6 +641,32 @@ def run_ui(args: argparse.Namespace) -> None:
     launch(args.model, host=args.host, port=args.port, device=args.device)
 
 
+def run_compose(args: argparse.Namespace) -> None:
+    """``dalle1 eval --compose``: :func:`dalle1.apps.compose.composition_report` as JSON."""
+    scales = [float(x) for x in parse_list(args.scales)]
+    if args.per_prompt < 1 or args.rerank_candidates < 0:
+        raise ValueError("--per-prompt must be >= 1 and --rerank-candidates >= 0")
+    if args.out:
+        output_file(args.out)
+    holdout = parse_list(args.holdout) if args.holdout else model_holdout(args.model)
+    pipe = DALLEPipeline.from_pretrained(args.model, device=check_device(args.device))
+    rows = composition_report(
+        pipe,
+        holdout,
+        scales,
+        per_prompt=args.per_prompt,
+        rerank_candidates=args.rerank_candidates,
+        options=sampling_options(args),
+        seed=args.seed,
+        progress=True,
+    )
+    result = {"holdout": holdout, "template": TEMPLATE, "rows": rows}
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+
+
 # --- eval-vae: reconstruction quality of an image tokenizer (docs/vae.md) ----------------
 
 
@@ -630,6 +680,12 @@ def add_eval_vae_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--grid", type=int, default=8, help="images in recon.png (originals above)")
     p.add_argument("--scale", type=int, default=2, help="upscale factor for recon.png (nearest)")
+    p.add_argument(
+        "--holdout",
+        default=None,
+        help="never-seen colour x shape pairs to report beside seen ones, comma-separated; "
+        "default: data.synthetic_holdout of the model's training config",
+    )
 
 
 @command("eval-vae", add_eval_vae_args)
@@ -643,6 +699,9 @@ def run_eval_vae(args: argparse.Namespace) -> None:
         pairs = pairs[: args.limit]
     data = CaptionedFolder(None, vae.cfg.image_size, pairs)
     metrics = {**evaluate_vae(vae, data, batch_size=args.batch_size), "images": len(data)}
+    holdout = parse_list(args.holdout) if args.holdout else model_holdout(args.model)
+    if holdout:  # clean renders of seen and never-seen pairs (dalle1.apps.compose)
+        metrics["composition"] = {"holdout": holdout, **tokenizer_report(vae, holdout)}
     print(json.dumps(metrics))
     if args.out:
         out = Path(args.out)

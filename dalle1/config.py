@@ -53,6 +53,9 @@ class DataConfig:
     synthetic_max_shapes: int = 1  # 1 or 2 shapes per built-in image
     # "colour shape" pairs no built-in image shows (a compositional benchmark), e.g. ["red square"]
     synthetic_holdout: list[str] = field(default_factory=list)
+    # transformer stage: recoloured copies of each image whose caption names a colour, the
+    # caption rewritten to match (colour words are learned from the data; docs/quality.md)
+    colour_swaps: int = 0
     seed: int = 0
 
 
@@ -91,6 +94,7 @@ class VAEConfig:
     gumbel_kl_steps: int = 5_000  # paper: over the first 5k updates
     gumbel_straight_through: bool = False
     logit_laplace_eps: float = 0.1  # paper: epsilon of the squashed pixel mapping
+    hue_augment: float = 0.0  # share of training images whose hue is turned by a random angle
 
 
 @dataclass
@@ -369,6 +373,7 @@ RANGES: dict[str, Range] = {
     **{f"data.{k}": NON_NEGATIVE for k in ("num_workers", "shuffle_buffer", "synthetic_count")},
     "data.val_fraction": PROPER_FRACTION,
     "data.synthetic_max_shapes": Range(1, 2),
+    "data.colour_swaps": Range(0, 16),
     "data.seed": SEED,
     **{f"text.{k}": POSITIVE for k in ("vocab_size", "text_len")},
     "text.bpe_dropout": PROPER_FRACTION,
@@ -391,6 +396,7 @@ RANGES: dict[str, Range] = {
     },
     **{f"vae.{k}": ABOVE_ZERO for k in ("gumbel_tau_start", "gumbel_tau_end")},
     "vae.logit_laplace_eps": Range(0, 0.5, open_low=True, open_high=True),
+    "vae.hue_augment": FRACTION,
     **{f"dalle.{k}": POSITIVE for k in ("dim", "depth", "heads", "dim_head", "ff_mult")},
     "dalle.conv_kernel": POSITIVE,
     "dalle.dropout": PROPER_FRACTION,

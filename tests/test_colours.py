@@ -1,6 +1,5 @@
 """Colour words learned from data; recolouring that keeps captions true; hue jitter."""
 
-import math
 import random
 
 import pytest
@@ -81,20 +80,30 @@ def test_swap_rewrites_every_line_consistently(lexicon):
     recolour, new = lexicon.swap(lines, rng)
     target = next(w for w in lexicon.colours if w in new[1].split())
     assert target != "red"
-    assert new == [f"a large {target} circle at the top", f"a {target} circle", f"A {target.capitalize()} circle"]
+    assert new == [
+        f"a large {target} circle at the top",
+        f"a {target} circle",
+        f"A {target.capitalize()} circle",
+    ]
     assert recolour.targets == (lexicon.colours[target],)
 
 
 def test_swap_of_a_two_colour_caption_recolours_each_object(lexicon):
     """Each colour word goes to its own new colour, and the pixels follow."""
     rng = random.Random(1)
-    scene = [Shape("red", "square", "small", (0.27, 0.5)), Shape("blue", "triangle", "small", (0.73, 0.5))]
+    scene = [
+        Shape("red", "square", "small", (0.27, 0.5)),
+        Shape("blue", "triangle", "small", (0.73, 0.5)),
+    ]
     lines = ["a red square to the left of a blue triangle"]
     for _ in range(5):
         recolour, (line,) = lexicon.swap(lines, rng)
         a, b = line.split()[1], line.split()[-2]
         assert a != b and {a, b} <= set(lexicon.colours) and (a, b) != ("red", "blue")
-        want = [Shape(a, "square", "small", (0.27, 0.5)), Shape(b, "triangle", "small", (0.73, 0.5))]
+        want = [
+            Shape(a, "square", "small", (0.27, 0.5)),
+            Shape(b, "triangle", "small", (0.73, 0.5)),
+        ]
         got = recolour(pil_to_tensor(render(scene, 32), 32))
         assert (got - pil_to_tensor(render(want, 32), 32)).abs().mean() < 0.01, line
 
@@ -103,7 +112,11 @@ def test_swap_refuses_colours_too_close_in_hue():
     lex = ColourLexicon({})
     from dalle1.data.colours import Colour
 
-    lex.colours = {"scarlet": Colour(0.4, 0.5, 0.0), "crimson": Colour(0.4, 0.49, 0.05), "blue": Colour(0.4, -0.3, -0.3)}
+    lex.colours = {
+        "scarlet": Colour(0.4, 0.5, 0.0),
+        "crimson": Colour(0.4, 0.49, 0.05),
+        "blue": Colour(0.4, -0.3, -0.3),
+    }
     assert lex.swap(["scarlet and crimson"], random.Random(0)) is None
     assert lex.swap(["scarlet and blue"], random.Random(0)) is not None
 
@@ -118,7 +131,9 @@ def test_random_hue_keeps_grey_and_chroma_and_turns_the_hue():
     out = random_hue(muted, torch.Generator().manual_seed(0))
     g0, c0 = grey_and_chroma(muted)
     g1, c1 = grey_and_chroma(out)
-    assert torch.allclose(g0, g1, atol=1e-5) and torch.allclose(c0.norm(dim=1), c1.norm(dim=1), atol=1e-5)
+    assert torch.allclose(g0, g1, atol=1e-5) and torch.allclose(
+        c0.norm(dim=1), c1.norm(dim=1), atol=1e-5
+    )
     turn = torch.atan2(c1[:, 1], c1[:, 0]) - torch.atan2(c0[:, 1], c0[:, 0])
     per_image = torch.cos(turn).flatten(1)
     assert torch.allclose(per_image, per_image[:, :1], atol=1e-4)  # one angle per image

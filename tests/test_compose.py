@@ -58,7 +58,9 @@ def test_empty_holdout_draws_the_same_scenes_as_before():
 
 
 def test_dataset_folder_respects_holdout(tmp_path):
-    out = make_shapes_dataset(tmp_path, 300, 32, seed=1, max_shapes=2, holdout=HOLDOUT, progress=False)
+    out = make_shapes_dataset(
+        tmp_path, 300, 32, seed=1, max_shapes=2, holdout=HOLDOUT, progress=False
+    )
     text = " ".join(p.read_text() for p in out.glob("*.txt"))
     for pair in HOLDOUT:
         assert pair not in text
@@ -93,7 +95,10 @@ def test_detector_reads_64px_renders_and_positions():
         ([Shape("red", "square", "large", (0.5, 0.5))], ("red", "circle"), "wrong shape"),
         ([Shape("blue", "square", "large", (0.5, 0.5))], ("red", "circle"), "wrong both"),
         (
-            [Shape("red", "circle", "small", (0.27, 0.5)), Shape("blue", "square", "small", (0.73, 0.5))],
+            [
+                Shape("red", "circle", "small", (0.27, 0.5)),
+                Shape("blue", "square", "small", (0.73, 0.5)),
+            ],
             ("red", "circle"),
             "two objects",
         ),

@@ -21,18 +21,33 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..checkpoint import read_json
 from ..data.detect import VERDICTS, judge
-from ..data.shapes import COLORS, PLACES, SHAPES, SIZES, Shape, parse_pairs, render
+from ..data.shapes import COLORS, PLACES, SHAPES, Shape, parse_pairs, render
 from ..images import pil_to_tensor
 from ..pipeline import DALLEPipeline
 from ..sampling import SamplingOptions
 from ..vae import DiscreteVAE
 
 TEMPLATE = "a large {color} {shape} in the center"
+
+
+def model_holdout(folder: str | Path) -> list[str]:
+    """``data.synthetic_holdout`` of the config a model folder was trained with ([] if none).
+
+    ``folder`` may be the model folder or its ``vae/`` part."""
+    folder = Path(folder)
+    for candidate in (folder / "config.json", folder.parent / "config.json"):
+        if candidate.is_file():
+            data = read_json(candidate, candidate.parent).get("data", {})
+            if isinstance(data, dict) and "synthetic_holdout" in data:
+                return list(data["synthetic_holdout"])
+    return []
 
 
 def pairs_by_group(holdout: list[str]) -> dict[str, list[tuple[str, str]]]:
@@ -133,6 +148,3 @@ def composition_report(
                 row[f"{mode}_{group}"] = _summary(verdicts)
         rows.append(row)
     return rows
-
-
-__all__ = ["TEMPLATE", "composition_report", "pairs_by_group", "tokenizer_report", "SIZES"]

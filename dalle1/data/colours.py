@@ -268,3 +268,29 @@ class ColourLexicon:
     def to_dict(self) -> dict[str, list[float]]:
         """{word: [r, g, b]} of the prototypes, for logs and the model folder."""
         return {w: [round(x, 4) for x in c.rgb()] for w, c in sorted(self.colours.items())}
+
+
+def with_colour_swaps(
+    items: Iterable[tuple[torch.Tensor, list[str]]],
+    lexicon: ColourLexicon,
+    copies: int,
+    seed: int = 0,
+    counter: list[int] | None = None,
+) -> Iterable[tuple[torch.Tensor, list[str]]]:
+    """Each (image, caption lines) item, followed by up to ``copies`` recoloured copies.
+
+    A copy is made only where :meth:`ColourLexicon.swap` finds a recolouring, so an
+    image whose caption names no colour is never changed. ``counter[0]`` counts the
+    copies made. Deterministic in ``seed`` and the order of ``items``.
+    """
+    rng = random.Random(seed)
+    for image, lines in items:
+        yield image, lines
+        for _ in range(copies):
+            swap = lexicon.swap(list(lines), rng)
+            if swap is None:
+                break
+            recolour, new_lines = swap
+            if counter is not None:
+                counter[0] += 1
+            yield recolour(image), new_lines

@@ -17,6 +17,7 @@ position), so ``--resume`` continues with the very next batch
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import lightning as L
@@ -27,6 +28,7 @@ from ..codes import CodesDataset, CodesFile, encode_items
 from ..config import Config
 from ..data import CaptionedFolder, ShardDataset, iter_items, split_pairs
 from ..data.captions import pick_caption
+from ..data.colours import ColourLexicon, with_colour_swaps
 from ..text import TextTokenizer
 from ..vae import DiscreteVAE
 from .resilience import resumable_loader
@@ -170,12 +172,20 @@ class CodesDataModule(L.LightningDataModule):
         self.val_codes: torch.Tensor | None = None
         self.val_captions: list[list[str]] = []
         self.collate: Callable | None = None
+        self.lexicon: ColourLexicon | None = None  # data.colour_swaps: the learned colour words
+        self.swapped = [0]
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:  # set up once (Lightning calls this again in fit)
             return
         d, vae = self.config.data, self.vae
         if d.codes:
+            if d.colour_swaps:
+                print(
+                    "dalle1: data: data.colour_swaps is ignored with data.codes "
+                    "(the images were encoded beforehand)",
+                    file=sys.stderr,
+                )
             store = CodesFile(d.codes)
             store.check_vae(vae, self.config.dalle.vae)
             train_rows, val_rows = split_pairs(list(range(len(store))), d.val_fraction, d.seed)
@@ -185,17 +195,37 @@ class CodesDataModule(L.LightningDataModule):
             self.val_captions = [store.captions[i] for i in val_rows]
             return
         size, train_pairs = vae.cfg.image_size, self.train_pairs
+        items = iter_items(d, size, train_pairs, shard_split="train")
+        if d.colour_swaps:
+            items = self._colour_swaps(items, size)
         codes, self.train_captions = encode_items(
             vae,
-            iter_items(d, size, train_pairs, shard_split="train"),
+            items,
             progress=self.config.train.progress_bar,
-            total=None if train_pairs is None else len(train_pairs),
+            total=None if train_pairs is None or d.colour_swaps else len(train_pairs),
         )
+        if d.colour_swaps:
+            print(
+                f"dalle1: data: {self.swapped[0]} recoloured copies added "
+                f"({len(codes)} training rows)",
+                file=sys.stderr,
+            )
         if self.val_pairs or (train_pairs is None and d.val_fraction > 0):
             items = list(iter_items(d, size, self.val_pairs, shard_split="val"))
             if items:
                 self.val_codes, self.val_captions = encode_items(vae, items, progress=False)
         self.train_set = EncodedCaptions(codes, self.train_captions)
+
+    def _colour_swaps(self, items, size: int):
+        """``data.colour_swaps``: learn the colour words, then add recoloured copies."""
+        d = self.config.data
+        self.lexicon = ColourLexicon.learn(
+            iter_items(d, size, self.train_pairs, shard_split="train")
+        )
+        words = ", ".join(self.lexicon.colours) or "none"
+        print(f"dalle1: data: colour words learned from the captions: {words}", file=sys.stderr)
+        self.swapped = [0]
+        return with_colour_swaps(items, self.lexicon, d.colour_swaps, d.seed, self.swapped)
 
     def caption_lines(self) -> list[str]:
         """Every caption line of the training rows (what the BPE is trained on)."""

@@ -18,6 +18,7 @@ import torch
 
 from ..clip import CLIPScorer
 from ..config import Config, TrainConfig
+from ..data.colours import random_hue
 from ..images import save_grid
 from ..transformer import DALLE, StreamShape
 from ..vae import DiscreteVAE, codebook_usage, psnr
@@ -68,8 +69,24 @@ class VAEModule(StageModule):
         super().__init__(config)
         self.vae = DiscreteVAE(config.vae)
 
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        """``vae.hue_augment``: turn the hue of that share of the batch by a random angle.
+
+        The tokenizer then learns codes for every colour on every structure, including
+        colour × shape pairs the data never shows together (docs/quality.md). Seeded by
+        the step, so a resumed run draws the same augmentations.
+        """
+        share = self.config.vae.hue_augment
+        if share <= 0:
+            return images
+        gen = torch.Generator().manual_seed(self.config.train.seed * 1_000_003 + self.global_step)
+        chosen = (torch.rand(len(images), generator=gen) < share).to(images.device)
+        turned = random_hue(images, gen)
+        return torch.where(chosen[:, None, None, None], turned, images)
+
     def training_step(self, batch, batch_idx):
         images, _ = batch
+        images = self.augment(images)
         loss, logs = self.vae(images, self.global_step)
         self.log_dict(
             {"loss": loss, "recon_loss": logs["recon_loss"], "aux_loss": logs["aux_loss"]},
