@@ -28,7 +28,13 @@ from pathlib import Path
 
 import torch
 
-from .apps.compose import TEMPLATE, composition_report, model_holdout, tokenizer_report
+from .apps.compose import (
+    TEMPLATE,
+    composition_report,
+    judge_folder,
+    model_holdout,
+    tokenizer_report,
+)
 from .apps.evaluate import evaluate, read_prompts
 from .apps.explain import explain
 from .apps.synth import synthesize
@@ -483,6 +489,12 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
         help="never-seen pairs, comma-separated ('red square,blue triangle'); "
         "default: data.synthetic_holdout of the model's training config",
     )
+    g.add_argument(
+        "--samples",
+        default=None,
+        help="judge this folder of drawn images instead of sampling (each image beside a "
+        "same-stem .txt naming its pair, e.g. 'a large red circle in the center')",
+    )
     g.add_argument("--scales", default="1,2,3", help="guidance scales to report, comma-separated")
     g.add_argument("--per-prompt", type=int, default=8, help="samples judged per pair and scale")
     g.add_argument(
@@ -649,6 +661,9 @@ def run_compose(args: argparse.Namespace) -> None:
     if args.out:
         output_file(args.out)
     holdout = parse_list(args.holdout) if args.holdout else model_holdout(args.model)
+    if args.samples:
+        print(json.dumps({"holdout": holdout, **judge_folder(args.samples, holdout)}, indent=2))
+        return
     pipe = DALLEPipeline.from_pretrained(args.model, device=check_device(args.device))
     rows = composition_report(
         pipe,

@@ -53,8 +53,8 @@ class DataConfig:
     synthetic_max_shapes: int = 1  # 1 or 2 shapes per built-in image
     # "colour shape" pairs no built-in image shows (a compositional benchmark), e.g. ["red square"]
     synthetic_holdout: list[str] = field(default_factory=list)
-    # transformer stage: recoloured copies of each image whose caption names a colour, the
-    # caption rewritten to match (colour words are learned from the data; docs/quality.md)
+    # recoloured copies of each training image whose caption names a colour, the caption
+    # rewritten to match (colour words are learned from the data; docs/quality.md)
     colour_swaps: int = 0
     seed: int = 0
 

@@ -7,6 +7,7 @@ import torch
 
 from dalle1.data.colours import (
     ColourLexicon,
+    ColourSwapped,
     Recolour,
     from_grey_and_chroma,
     grey_and_chroma,
@@ -140,3 +141,55 @@ def test_random_hue_keeps_grey_and_chroma_and_turns_the_hue():
     assert (per_image[:, 0] < 0.999).all()
     white = centred("white")[None]
     assert (random_hue(white) - white).abs().max() < 1e-5  # white has no hue to turn
+
+
+def test_colour_swapped_dataset_adds_true_recoloured_copies(lexicon):
+    """Item 0 is the original; its copies draw the colour their captions name; an image
+    whose caption names no colour is never changed; items are the same on every draw."""
+    base = [(centred("red", "square"), "a red square"), (centred("white"), "a white circle")]
+    lines = [["a red square"], ["a white circle"]]
+    data = ColourSwapped(base, lines, lexicon, copies=2, seed=3)
+    assert len(data) == 6
+    assert data[0][1] == "a red square" and torch.equal(data[0][0], base[0][0])
+    for i in (1, 2):
+        image, caption = data[i]
+        colour = caption.split()[1]
+        assert colour in lexicon.colours and colour != "red"
+        assert caption == f"a {colour} square"
+        assert (image - centred(colour, "square")).abs().mean() < 0.01
+        again = data[i]
+        assert again[1] == caption and torch.equal(again[0], image)
+    for i in (3, 4, 5):
+        assert data[i][1] == "a white circle" and torch.equal(data[i][0], base[1][0])
+
+
+@pytest.fixture(scope="module")
+def two_shape_folder(tmp_path_factory):
+    from dalle1.data import make_shapes_dataset
+
+    root = tmp_path_factory.mktemp("two_shapes")
+    return make_shapes_dataset(root, 400, 16, seed=0, max_shapes=2, progress=False)
+
+
+def test_colour_swaps_in_both_stages(two_shape_folder):
+    """data.colour_swaps: the image stage doubles its training set with lazily recoloured
+    copies; the transformer stage encodes one copy per image whose caption names a colour."""
+    from dalle1.config import Config, DataConfig, VAEConfig
+    from dalle1.data import find_pairs
+    from dalle1.training.datamodule import CodesDataModule, ImagesDataModule
+    from dalle1.vae import DiscreteVAE
+
+    config = Config(data=DataConfig(path=str(two_shape_folder), image_size=16, colour_swaps=1))
+    config.train.progress_bar = False
+    pairs = find_pairs(two_shape_folder)
+    images = ImagesDataModule(config, 16, pairs, [])
+    images.setup()
+    assert len(images.train_set) == 2 * len(pairs)
+    changed = [i for i in range(1, 41, 2) if images.train_set[i][1] != images.train_set[i - 1][1]]
+    assert changed, "no recoloured copy among the first 20 images"
+    vae = DiscreteVAE(VAEConfig(image_size=16, hidden_dim=8, codebook_size=32, codebook_dim=8))
+    codes = CodesDataModule(config, vae.eval(), pairs, [])
+    codes.setup()
+    coloured = sum(1 for _, c in pairs if set(c.read_text().split()) & set(codes.lexicon.colours))
+    assert codes.swapped[0] == coloured > 0
+    assert len(codes.train_set) == len(pairs) + coloured

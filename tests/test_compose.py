@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dalle1.apps.compose import composition_report, judge_folder, pair_named
 from dalle1.data.detect import detect, judge
 from dalle1.data.shapes import (
     BACKGROUND,
@@ -114,3 +115,60 @@ def test_blob_verdict_for_a_shapeless_region():
     image[8:24, 6:11] = COLORS["red"]  # a tall thin bar: no circle, square or triangle
     image[8:12, 11:26] = COLORS["red"]
     assert judge(Image.fromarray(image), "red", "circle") == "blob"
+
+
+def _centred(color: str, kind: str) -> Shape:
+    return Shape(color, kind, "large", PLACES["in the center"])
+
+
+def test_judge_folder_counts_a_hand_made_folder(tmp_path):
+    """Known answers: two seen pairs drawn right; three never-seen asks, one drawn right,
+    one in the wrong colour, one in the wrong shape; one caption naming no pair."""
+    drawn = [
+        ("red", "circle", "a large red circle in the center"),
+        ("blue", "circle", "A large Blue circle, in the center"),
+        ("green", "square", "a large red square in the center"),
+        ("red", "circle", "a large red square in the center"),
+        ("red", "square", "a large red square in the center"),
+        ("red", "square", "a picture"),
+    ]
+    for i, (color, kind, caption) in enumerate(drawn):
+        render([_centred(color, kind)], 32).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(caption + "\n")
+    got = judge_folder(tmp_path, HOLDOUT)
+    assert got["seen"] == {"accuracy": 1.0, "samples": 2, "failures": {}}
+    assert got["unseen"]["samples"] == 3 and got["unseen"]["accuracy"] == pytest.approx(1 / 3)
+    assert got["unseen"]["failures"] == {"wrong colour": 1, "wrong shape": 1}
+    assert got["skipped"] == 1
+
+
+class _FakePipe:
+    """Draws the asked pair when it was seen, the right shape in green when held out."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompt, num_images, seed, rerank, keep, progress, **options):
+        self.calls.append((prompt, num_images, rerank, keep, options["cond_scale"]))
+        color, kind = pair_named(prompt)
+        if (color, kind) in parse_pairs(HOLDOUT):
+            color = "green"
+        images = [render([_centred(color, kind)], 32)] * (keep or num_images)
+        return type("Out", (), {"images": images})()
+
+
+def test_composition_report_counts_per_group_scale_and_mode():
+    pipe = _FakePipe()
+    rows = composition_report(pipe, HOLDOUT, [1.0, 3.0], per_prompt=2, rerank_candidates=4)
+    assert [r["cond_scale"] for r in rows] == [1.0, 3.0]
+    for row in rows:
+        for mode in ("plain", "reranked"):
+            assert row[f"{mode}_seen"] == {"accuracy": 1.0, "samples": 30, "failures": {}}
+            assert row[f"{mode}_unseen"] == {
+                "accuracy": 0.0,
+                "samples": 6,
+                "failures": {"wrong colour": 6},
+            }
+    # every pair asked in both modes at both scales; reranked draws 4 and keeps 2
+    assert len(pipe.calls) == 2 * 2 * 18
+    assert ("a large red square in the center", 4, True, 2, 3.0) in pipe.calls

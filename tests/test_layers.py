@@ -41,7 +41,7 @@ ORDER: dict[str, tuple[int, ...]] = {
     "rerank": (11,),
     "data.shapes": (12, 0),
     "data.emoji": (12, 0),
-    "data.colours": (12, 0),
+    "data.colours": (12, 3),
     "data.detect": (12, 1),
     "data.problems": (12, 1),
     "data.captions": (12, 2),

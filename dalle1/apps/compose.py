@@ -7,6 +7,8 @@ this module measures, on a model trained on such a set:
 
 * :func:`tokenizer_report` — the image tokenizer's reconstruction of clean renders of
   seen and never-seen pairs (PSNR, and how often the detector still reads the pair);
+* :func:`judge_folder` — the same counts for images already drawn (say by
+  ``dalle1 sample``), each beside a same-stem ``.txt`` naming its pair;
 * :func:`composition_report` — for the prompt "a large <colour> <shape> in the center"
   of every pair, the share of samples the detector (:mod:`dalle1.data.detect`) reads as
   exactly that pair, seen and never-seen apart, at several guidance scales, with and
@@ -27,9 +29,11 @@ import numpy as np
 import torch
 
 from ..checkpoint import read_json
+from ..data.captions import read_captions
 from ..data.detect import VERDICTS, judge
+from ..data.folder import find_pairs
 from ..data.shapes import COLORS, PLACES, SHAPES, Shape, parse_pairs, render
-from ..images import pil_to_tensor
+from ..images import load_input, pil_to_tensor
 from ..pipeline import DALLEPipeline
 from ..sampling import SamplingOptions
 from ..vae import DiscreteVAE
@@ -68,6 +72,35 @@ def _summary(verdicts: list[str]) -> dict:
         "samples": len(verdicts),
         "failures": {v: counts[v] for v in VERDICTS if v != "ok" and counts[v]},
     }
+
+
+def pair_named(caption: str) -> tuple[str, str] | None:
+    """The (colour, shape) a caption asks for: its first colour word and first shape word."""
+    words = caption.lower().replace(",", " ").split()
+    color = next((w for w in words if w in COLORS), None)
+    kind = next((w for w in words if w in SHAPES), None)
+    return None if color is None or kind is None else (color, kind)
+
+
+def judge_folder(folder: str | Path, holdout: list[str]) -> dict:
+    """Seen vs never-seen accuracy and failure counts of a folder of drawn images.
+
+    Each image's same-stem ``.txt`` names the pair it was asked for (its first line, e.g.
+    "a large red circle in the center"); images whose caption names no pair are counted
+    under ``skipped``.
+    """
+    held = parse_pairs(holdout)
+    verdicts: dict[str, list[str]] = {"seen": [], "unseen": []}
+    skipped = 0
+    for image, text in find_pairs(folder):
+        lines = read_captions(Path(text))
+        pair = pair_named(lines[0]) if lines else None
+        if pair is None:
+            skipped += 1
+            continue
+        group = "unseen" if pair in held else "seen"
+        verdicts[group].append(judge(load_input(image), *pair))
+    return {**{g: _summary(v) for g, v in verdicts.items()}, "skipped": skipped}
 
 
 @torch.no_grad()

@@ -7,8 +7,10 @@ Two augmentations that help a small model draw colour × shape pairs it never sa
   random angle. For the image tokenizer (``vae.hue_augment``): it then learns codes
   for every colour on every shape, including pairs the data never shows together.
   Captions are not involved: the tokenizer never reads them.
-* :class:`ColourLexicon` — for the transformer (``data.colour_swaps``), whose captions
-  must stay true. It finds the caption words that name a colour *from the data*:
+* :class:`ColourLexicon` — for ``data.colour_swaps``, in both stages: the image
+  tokenizer then has codes for colour × shape pairs the data never shows together, and
+  the transformer learns to bind each colour word to whatever shape the caption names.
+  Its captions must stay true. It finds the caption words that name a colour *from the data*:
   a word is a colour word when the images whose captions hold it concentrate their
   coloured pixels on one hue far more than images in general do (nothing is
   hard-coded, so "rouge", "teal" or "crimson" are found as readily as "red").
@@ -33,6 +35,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from torch.utils.data import Dataset
+
+from .captions import pick_caption
 
 # an orthonormal basis of the plane orthogonal to grey (1, 1, 1) in RGB
 _U = torch.tensor([1.0, -1.0, 0.0]) / math.sqrt(2)
@@ -294,3 +299,38 @@ def with_colour_swaps(
             if counter is not None:
                 counter[0] += 1
             yield recolour(image), new_lines
+
+
+class ColourSwapped(Dataset):
+    """A dataset of (image, caption) pairs, each followed by ``copies`` recoloured copies.
+
+    Item ``i`` is base item ``i // (copies + 1)``; the copies are drawn by
+    :meth:`ColourLexicon.swap` with a generator seeded by ``(seed, i)``, so an item is
+    the same in every epoch and every process. ``lines[b]`` are the caption lines of
+    base item ``b``; where no swap applies (no colour word) the copy is the original.
+    """
+
+    def __init__(
+        self,
+        base: Dataset,
+        lines: list[list[str]],
+        lexicon: ColourLexicon,
+        copies: int,
+        seed: int = 0,
+    ):
+        self.base, self.lines, self.lexicon = base, lines, lexicon
+        self.copies, self.seed = copies, seed
+
+    def __len__(self) -> int:
+        return len(self.base) * (self.copies + 1)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        b, k = divmod(int(i), self.copies + 1)
+        image, caption = self.base[b]
+        if k == 0:
+            return image, caption
+        swap = self.lexicon.swap(self.lines[b], random.Random(self.seed * 1_000_003 + int(i)))
+        if swap is None:
+            return image, caption
+        recolour, lines = swap
+        return recolour(image), pick_caption(lines, int(i))

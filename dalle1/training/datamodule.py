@@ -28,7 +28,7 @@ from ..codes import CodesDataset, CodesFile, encode_items
 from ..config import Config
 from ..data import CaptionedFolder, ShardDataset, iter_items, split_pairs
 from ..data.captions import pick_caption
-from ..data.colours import ColourLexicon, with_colour_swaps
+from ..data.colours import ColourLexicon, ColourSwapped, with_colour_swaps
 from ..text import TextTokenizer
 from ..vae import DiscreteVAE
 from .resilience import resumable_loader
@@ -64,6 +64,14 @@ def image_text_collate(tokenizer: TextTokenizer) -> Callable:
         return torch.stack([im for im, _ in items]), tokenizer.encode([c for _, c in items])
 
     return collate
+
+
+def learn_colour_words(config: Config, image_size: int, pairs: list | None) -> ColourLexicon:
+    """``data.colour_swaps``: the colour words of the training captions (printed)."""
+    lexicon = ColourLexicon.learn(iter_items(config.data, image_size, pairs, shard_split="train"))
+    words = ", ".join(lexicon.colours) or "none"
+    print(f"dalle1: data: colour words learned from the captions: {words}", file=sys.stderr)
+    return lexicon
 
 
 def _loader(
@@ -115,12 +123,21 @@ class ImagesDataModule(L.LightningDataModule):
         if self.train_set is not None:  # set up once (Lightning calls this again in fit)
             return
         size = self.image_size
+        d = self.config.data
         if self.train_pairs is not None:
             held = self.val_pairs or self.train_pairs[: self.val_stand_in]
             self.train_set = CaptionedFolder(None, size, self.train_pairs)
             self.val_set = CaptionedFolder(None, size, held)
+            if d.colour_swaps:  # held-out images stay as they are: they score the stage
+                lexicon = learn_colour_words(self.config, size, self.train_pairs)
+                base = self.train_set
+                self.train_set = ColourSwapped(base, base.captions, lexicon, d.colour_swaps, d.seed)
             return
-        d = self.config.data
+        if d.colour_swaps:
+            print(
+                "dalle1: data: data.colour_swaps is not applied to streamed shards in this stage",
+                file=sys.stderr,
+            )
         self.train_set = ShardDataset(
             d.path,
             size,
@@ -219,11 +236,7 @@ class CodesDataModule(L.LightningDataModule):
     def _colour_swaps(self, items, size: int):
         """``data.colour_swaps``: learn the colour words, then add recoloured copies."""
         d = self.config.data
-        self.lexicon = ColourLexicon.learn(
-            iter_items(d, size, self.train_pairs, shard_split="train")
-        )
-        words = ", ".join(self.lexicon.colours) or "none"
-        print(f"dalle1: data: colour words learned from the captions: {words}", file=sys.stderr)
+        self.lexicon = learn_colour_words(self.config, size, self.train_pairs)
         self.swapped = [0]
         return with_colour_swaps(items, self.lexicon, d.colour_swaps, d.seed, self.swapped)
 
