@@ -24,9 +24,10 @@ Each layer is an x-transformers ``Decoder`` of depth one, so that every layer
 can be given its own DALL-E attention mask (row / column / conv, see
 :mod:`dalle1.masks`) as an additive bias. Training and full recompute run
 x-transformers' forward; decoding with the key/value cache (``prefill`` /
-``step``) runs the same layer arithmetic through :meth:`DALLE._decode_layer`,
-with preallocated key/value buffers and, under a sparse mask, only the keys
-the mask allows (the tests hold it to the x-transformers forward, ≤ 1e-4).
+``step``) runs the same layer arithmetic through :mod:`dalle1.decoding`
+(q, k, v stacked into one product, preallocated key/value buffers, under a
+sparse mask only the keys the mask allows, read in place; the tests hold it to
+the x-transformers forward, ≤ 1e-4).
 """
 
 from __future__ import annotations
@@ -39,7 +40,21 @@ import torch.nn.functional as F
 from torch import nn
 from x_transformers import Decoder
 
+from . import decoding
 from .config import DALLEConfig
+from .decoding import (
+    DecodeWeights,
+    LayerWeights,
+    Read,
+    StaticReads,
+    StepRunner,
+    decode_layer,
+    decode_mode,
+    input_major,
+    key_reads,
+    static_step,
+    weights_fingerprint,
+)
 from .masks import KINDS, layer_kinds, mask_to_bias, stream_mask
 
 
@@ -66,6 +81,12 @@ def _layer_parts(layer: Decoder) -> tuple[nn.Module, nn.Module, nn.Module, nn.Mo
     return attn_block[0][0], attn_block[1], ff_block[0][0], ff_block[1]
 
 
+def _gain(norm: nn.Module) -> torch.Tensor:
+    """The gain an x-transformers ``LayerNorm`` multiplies by: gamma, plus 1 with
+    ``unit_offset`` (its Decoder's default: gamma is stored as the offset from 1)."""
+    return (norm.gamma + float(norm.unit_offset)).detach()
+
+
 @dataclass
 class Cache:
     """Key/value cache for decoding: per layer, preallocated ``(B, heads, capacity, dim_head)``.
@@ -73,19 +94,26 @@ class Cache:
     :meth:`DALLE.prefill` creates it, :meth:`DALLE.step` writes one position into it in place
     and returns it with ``length`` (the stream positions covered) advanced. Because the
     buffers are written in place, a cache is a single line of history: ``clone()`` it to
-    branch two continuations from one prefix.
+    branch two continuations from one prefix. A cache decodes with the weights as they were
+    at ``prefill`` (``weights``), in the step form ``prefill`` chose (``runner``: None for
+    the eager step, else the compiled / CUDA-graph step of :mod:`dalle1.decoding`).
     """
 
     keys: list  # per layer: Tensor (B, heads, capacity, dim_head), allocated on first write
     values: list
     length: int
     capacity: int
+    weights: DecodeWeights | None = None
+    runner: StepRunner | None = None
 
     def clone(self) -> Cache:
         def copy(buffers: list) -> list:
             return [None if t is None else t.clone() for t in buffers]
 
-        return Cache(copy(self.keys), copy(self.values), self.length, self.capacity)
+        runner = None if self.runner is None else self.runner.fresh()
+        return Cache(
+            copy(self.keys), copy(self.values), self.length, self.capacity, self.weights, runner
+        )
 
 
 class DALLE(nn.Module):
@@ -102,7 +130,6 @@ class DALLE(nn.Module):
         (one of ``dense | row | column | conv`` per layer; tests and experiments)."""
         super().__init__()
         self.cfg, self.shape = cfg, shape
-        self._key_counts: dict[str, list[int]] = {}
         dim = cfg.dim
         self.text_emb = nn.Embedding(shape.text_vocab, dim)
         self.image_emb = nn.Embedding(shape.image_vocab, dim)
@@ -135,12 +162,11 @@ class DALLE(nn.Module):
             mask = stream_mask(kind, shape.text_len, shape.grid, cfg.conv_kernel)
             self.register_buffer(f"bias_{kind}", mask_to_bias(mask), persistent=False)
             self.register_buffer(f"mask_{kind}", mask, persistent=False)
-            # row p: the key positions query p may attend, ascending, then padding
-            keys = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)
-            self.register_buffer(
-                f"keys_{kind}", keys[:, : int(mask.sum(1).max())], persistent=False
-            )
-            self._key_counts[kind] = mask.sum(1).tolist()
+        # decoding's derived state, built on first use (plain attributes: never saved)
+        self._reads: dict[tuple, list[Read]] = {}  # (kind, device) -> per stream position
+        self._static_reads: dict[tuple, StaticReads] = {}  # (kind, device, dtype) -> padded
+        self._decode_weights: tuple[tuple, DecodeWeights] | None = None  # (fingerprint, weights)
+        self._compiled_step = None  # torch.compile(static_step), shared by this model's caches
 
     # --- the stream -------------------------------------------------------------------
 
@@ -169,66 +195,131 @@ class DALLE(nn.Module):
     ) -> tuple[torch.Tensor, Cache | None]:
         """Send stream positions [start, start + n) through the layers; start = cached length.
 
-        Without a cache this is the x-transformers forward (training, full recompute). With
-        one, it is the decoding path of :meth:`_decode_layer`, which writes into the cache.
+        Without a cache this is the x-transformers forward (training, full recompute), and
+        the result is normed. With one, it is :meth:`decode_layers` (before the final norm,
+        which :func:`dalle1.decoding.logits` applies with the head).
         """
         if cache is not None:
-            start, stop = cache.length, cache.length + x.shape[1]
-            if stop > cache.capacity:
-                raise ValueError(f"cache holds {cache.capacity} positions; asked for {stop}")
-            for i, kind in enumerate(self.kinds):
-                x = self._decode_layer(i, kind, x, cache, start)
-            return self.norm(x), Cache(cache.keys, cache.values, stop, cache.capacity)
+            return self.decode_layers(x, cache)
         for layer, kind in zip(self.layers, self.kinds):
             bias = self.attn_bias(kind, 0, x.shape[1])
             x = layer(x, attn_bias=None if bias is None else bias.to(x.dtype))
         return self.norm(x), None
 
-    def _decode_layer(
-        self, i: int, kind: str, x: torch.Tensor, cache: Cache, start: int
-    ) -> torch.Tensor:
-        """One pre-norm layer for new positions [start, start + n), reading/writing the cache.
+    def decode_layers(self, x: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
+        """The cached path: positions [length, length + n) through every layer with
+        :func:`dalle1.decoding.decode_layer`, their keys and values written into ``cache``.
+        Returns the hidden states before the final norm, and the cache advanced by n."""
+        start, stop = cache.length, cache.length + x.shape[1]
+        if stop > cache.capacity:
+            raise ValueError(f"cache holds {cache.capacity} positions; asked for {stop}")
+        w = cache.weights or self.decode_weights()
+        for i, (lw, kind) in enumerate(zip(w.layers, self.kinds)):
+            if cache.keys[i] is None:  # first write: zeros (a static step reads them, masked)
+                b, heads, dim_head = x.shape[0], w.heads, lw.qkv.shape[1] // (3 * w.heads)
+                shape = (b, heads, cache.capacity, dim_head)
+                cache.keys[i] = x.new_zeros(shape)
+                cache.values[i] = x.new_zeros(shape)
+            if x.shape[1] == 1:
+                read = self.key_reads(kind)[start]
+            elif start == 0 and (kind == "dense" or stop <= self.shape.text_len + 1):
+                read = None  # causal from position 0 (text attends text causally in every kind)
+            else:
+                read = self.attn_mask(kind, start, stop)
+            x = decode_layer(x, lw, w.heads, cache.keys[i], cache.values[i], start, read)
+        return x, Cache(cache.keys, cache.values, stop, cache.capacity, w, cache.runner)
 
-        The same arithmetic as the x-transformers ``Decoder`` layer built in ``__init__``
-        (LayerNorm -> q, k, v -> softmax(q k^T / sqrt(d)) v -> out, residual; LayerNorm ->
-        feed-forward, residual), written out because its generic forward costs more Python
-        time per decoded token than the maths itself on a small model, and because it
-        concatenates the whole cache at every step. Two shortcuts, both exact:
+    # --- decoding's view of the model (dalle1/decoding.py) ------------------------------
 
-        * keys and values go into preallocated buffers (no concatenation);
-        * a single query under a sparse DALL-E mask (row / column / conv) attends only
-          the key positions its mask allows (about L + grid of them, not all L + N):
-          a masked key contributes exp(-inf) = 0 to the softmax, so dropping it changes
-          nothing but the work. tests/test_transformer.py checks this path against the
-          x-transformers forward.
-        """
-        norm, attn, ff_norm, ff = _layer_parts(self.layers[i])
-        b, n, _ = x.shape
-        stop = start + n
-        h = norm(x)
-        q, k, v = (
-            proj(h).view(b, n, attn.heads, -1).transpose(1, 2)
-            for proj in (attn.to_q, attn.to_k, attn.to_v)
-        )
-        if cache.keys[i] is None:  # first write: allocate with the dtype autocast gave k, v
-            cache.keys[i] = k.new_empty(b, attn.heads, cache.capacity, k.shape[-1])
-            cache.values[i] = v.new_empty(b, attn.heads, cache.capacity, v.shape[-1])
-        keys, values = cache.keys[i], cache.values[i]
-        keys[:, :, start:stop] = k
-        values[:, :, start:stop] = v
-        mask = None
-        if n == 1 and kind != "dense":
-            index = getattr(self, f"keys_{kind}")[start, : self._key_counts[kind][start]]
-            keys, values = keys.index_select(2, index), values.index_select(2, index)
-        else:
-            keys, values = keys[:, :, :stop], values[:, :, :stop]
-            if n > 1:
-                mask = self.attn_mask(kind, start, stop)
-        out = F.scaled_dot_product_attention(
-            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask
-        )
-        x = x + attn.to_out(out.transpose(1, 2).reshape(b, n, -1))
-        return x + ff(ff_norm(x))
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()`` / ``.cuda()`` / ``.half()`` replace the weights: drop what decoding derived
+        from the old ones (it would keep them alive)."""
+        self._decode_weights = None
+        self._reads.clear()
+        self._static_reads.clear()
+        return super()._apply(fn, recurse)
+
+    def decode_weights(self) -> DecodeWeights:
+        """The weights one decode step reads, q/k/v stacked; rebuilt when a weight changes."""
+        key = weights_fingerprint(list(self.parameters()))
+        if self._decode_weights is None or self._decode_weights[0] != key:
+            layers = [
+                LayerWeights(
+                    norm=_gain(norm),
+                    qkv=input_major(
+                        torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
+                    ),
+                    out=input_major(attn.to_out.weight),
+                    ff_norm=_gain(ff_norm),
+                    ff_in=input_major(ff.ff[0][0].weight),
+                    ff_in_bias=ff.ff[0][0].bias.detach(),
+                    ff_out=input_major(ff.ff[2].weight),
+                    ff_out_bias=ff.ff[2].bias.detach(),
+                )
+                for norm, attn, ff_norm, ff in map(_layer_parts, self.layers)
+            ]
+            weights = DecodeWeights(
+                layers,
+                self.norm.weight.detach(),
+                self.norm.bias.detach(),
+                input_major(self.to_image_logits.weight),
+                self.to_image_logits.bias.detach(),
+                self.image_emb.weight.detach(),
+                self.row_pos.weight.detach(),
+                self.col_pos.weight.detach(),
+                heads=self.cfg.heads,
+                grid=self.shape.grid,
+                n_text=self.shape.text_len + 1,
+            )
+            self._decode_weights = (key, weights)
+        return self._decode_weights[1]
+
+    def allowed_keys(self, kind: str) -> torch.Tensor:
+        """The boolean stream mask of ``kind`` (S, S), on the CPU: what decoding may read."""
+        return stream_mask(kind, self.shape.text_len, self.shape.grid, self.cfg.conv_kernel)
+
+    def key_reads(self, kind: str) -> list[Read]:
+        """Per stream position, how one decoded query reads its keys under ``kind``
+        (:func:`dalle1.decoding.key_reads`); built once per kind and device."""
+        device = self.norm.weight.device
+        if (kind, device) not in self._reads:
+            if kind == "dense":  # causal: one run, the whole prefix
+                S = self.shape.text_len + self.shape.num_codes
+                reads: list[Read] = [(slice(0, p + 1, 1),) for p in range(S)]
+            else:
+                reads = key_reads(self.allowed_keys(kind))
+            self._reads[(kind, device)] = [
+                r.to(device) if isinstance(r, torch.Tensor) else r for r in reads
+            ]
+        return self._reads[(kind, device)]
+
+    def static_reads(self, dtype: torch.dtype) -> list[StaticReads | None]:
+        """Per layer, the padded reads of :func:`dalle1.decoding.static_step` (None: dense)."""
+        device = self.norm.weight.device
+        out: list[StaticReads | None] = []
+        for kind in self.kinds:
+            if kind == "dense":
+                out.append(None)
+                continue
+            key = (kind, device, dtype)
+            if key not in self._static_reads:
+                reads = StaticReads.from_mask(self.allowed_keys(kind))
+                self._static_reads[key] = reads.to(device, dtype)
+            out.append(self._static_reads[key])
+        return out
+
+    def _runner(self, mode: str | None, device: torch.device) -> StepRunner | None:
+        """The compiled / CUDA-graph step for a new cache, or None for the eager step."""
+        mode = decode_mode(mode, device)
+        if mode == "eager":
+            return None
+        if mode == "compile" and self._compiled_step is None:
+            try:
+                self._compiled_step = torch.compile(static_step, dynamic=False, fullgraph=True)
+            except Exception as error:  # torch.compile unsupported here
+                StepRunner(mode).fail(error)
+                return None
+        return StepRunner(mode, self._compiled_step if mode == "compile" else None)
 
     def attn_mask(self, kind: str, start: int, stop: int) -> torch.Tensor:
         """Boolean rows of the stream mask for queries start … stop-1 against keys 0 … stop-1."""
@@ -265,27 +356,45 @@ class DALLE(nn.Module):
 
     # --- inference --------------------------------------------------------------------
 
-    def prefill(self, text: torch.Tensor) -> tuple[torch.Tensor, Cache]:
-        """Read the caption in one pass: -> (logits for the first code (B, Vi), cache)."""
+    def prefill(self, text: torch.Tensor, decode: str | None = None) -> tuple[torch.Tensor, Cache]:
+        """Read the caption in one pass: -> (logits for the first code (B, Vi), cache).
+
+        ``decode``: the step form the cache's steps use (:func:`dalle1.decoding.decode_mode`:
+        ``eager | compile | graph | auto``; None = ``$DALLE1_DECODE`` or ``auto``).
+        """
         capacity = self.shape.text_len + self.shape.num_codes  # the whole input stream
-        empty = Cache([None] * len(self.layers), [None] * len(self.layers), 0, capacity)
-        h, cache = self.run_layers(self.embed_text(text), empty)
-        return self.to_image_logits(h[:, -1]), cache
+        depth = len(self.layers)
+        runner = self._runner(decode, text.device)
+        empty = Cache([None] * depth, [None] * depth, 0, capacity, self.decode_weights(), runner)
+        h, cache = self.decode_layers(self.embed_text(text), empty)
+        return decoding.logits(cache.weights, h[:, -1]), cache
 
     def step(self, code: torch.Tensor, index: int, cache: Cache) -> tuple[torch.Tensor, Cache]:
         """Feed code number ``index`` (B,) -> (logits for code index + 1 (B, Vi), cache).
 
         The cache is written in place (see :class:`Cache`).
         """
+        n_text = self.shape.text_len + 1
+        if cache.length != n_text + index:  # the eager step writes at length, a static one at index
+            raise ValueError(
+                f"cache holds {cache.length} positions, but code {index} is fed at stream "
+                f"position {n_text + index}"
+            )
+        w = cache.weights or self.decode_weights()
+        if cache.runner is not None and None not in cache.keys:
+            at = torch.tensor([index], device=code.device)
+            out = cache.runner(
+                w, cache.keys, cache.values, self.static_reads(w.head_weight.dtype), code, at
+            )
+            if out is not None:  # None: the compile / capture failed, decode eagerly
+                return out, Cache(
+                    cache.keys, cache.values, cache.length + 1, cache.capacity, w, cache.runner
+                )
         grid = self.shape.grid
         # same sum, in the same order, as embed_codes (image + row + column)
-        x = (
-            self.image_emb(code)
-            + self.row_pos.weight[index // grid]
-            + self.col_pos.weight[index % grid]
-        )
-        h, cache = self.run_layers(x[:, None], cache)
-        return self.to_image_logits(h[:, -1]), cache
+        x = F.embedding(code, w.image_emb) + w.row_pos[index // grid] + w.col_pos[index % grid]
+        h, cache = self.decode_layers(x[:, None], cache)
+        return decoding.logits(w, h[:, -1]), cache
 
     def next_logits_uncached(self, text: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
         """Full recompute: logits for code ``prefix.shape[1]`` given the caption and the codes before it."""
