@@ -136,7 +136,7 @@ class DALLE(nn.Module):
         self.text_pos = nn.Embedding(shape.text_len + 1, dim)  # <bos> + L slots
         self.row_pos = nn.Embedding(shape.grid, dim)
         self.col_pos = nn.Embedding(shape.grid, dim)
-        # _decode_layer re-implements these layers for cached decoding: a new Decoder
+        # dalle1/decoding.py re-implements these layers for cached decoding: a new Decoder
         # option must be mirrored there (the cached == recompute tests will say so).
         self.layers = nn.ModuleList(
             Decoder(

@@ -83,3 +83,24 @@ def test_code_log_likelihood_matches_logits():
     _, image_logits = m(text, codes)
     expected = image_logits.log_softmax(-1).gather(-1, codes[..., None]).squeeze(-1)
     assert ll.shape == (2, 9) and torch.allclose(ll, expected)
+
+
+def test_plain_attention_switch_gives_the_flash_kernels_loss_and_gradients():
+    from dalle1.training.systems import set_flash_attention
+
+    text, codes = batch()
+    m = model("dense").train()
+
+    def loss_and_grads():
+        m.zero_grad(set_to_none=True)
+        loss = m.loss(text, codes)[0]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None]
+
+    flash_loss, flash_grads = loss_and_grads()
+    assert set_flash_attention(m, False) is True  # returns the setting it replaced
+    plain_loss, plain_grads = loss_and_grads()
+    assert set_flash_attention(m, True) is False
+    assert torch.allclose(flash_loss, plain_loss, atol=1e-6)
+    assert len(flash_grads) == len(plain_grads) > 0
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(flash_grads, plain_grads))
