@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -187,6 +188,14 @@ class StaticReads:
 # --- the eager step ---------------------------------------------------------------------
 
 
+def cut(t: torch.Tensor, s: slice) -> torch.Tensor:
+    """Positions ``s`` of a cache buffer (B, H, capacity, d): a view (``narrow`` for a unit
+    step: the same view as ``t[:, :, s]`` at a fraction of Python's indexing cost)."""
+    if s.step == 1:
+        return t.narrow(2, s.start, s.stop - s.start)
+    return t[:, :, s]
+
+
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, read: Read) -> torch.Tensor:
     """softmax(q kᵀ / √d) v for one query position (B, H, 1, d) over the keys ``read`` names.
 
@@ -199,9 +208,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, read: Read
             q, keys.index_select(2, read), values.index_select(2, read)
         )
     if len(read) == 1:
-        s = read[0]
-        return F.scaled_dot_product_attention(q, keys[:, :, s], values[:, :, s])
-    parts = [(keys[:, :, s], values[:, :, s]) for s in read]
+        return F.scaled_dot_product_attention(q, cut(keys, read[0]), cut(values, read[0]))
+    parts = [(cut(keys, s), cut(values, s)) for s in read]
     scores = torch.cat([q @ k.transpose(-1, -2) for k, _ in parts], dim=-1)
     probs = (scores.float() * q.shape[-1] ** -0.5).softmax(-1).to(q.dtype)
     out, at = None, 0
@@ -232,12 +240,12 @@ def decode_layer(
     h = F.layer_norm(x, (d,), w.norm, eps=EPS)
     q, k, v = project(h, w.qkv).view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
     stop = start + n
-    keys[:, :, start:stop] = k
-    values[:, :, start:stop] = v
+    keys.narrow(2, start, n).copy_(k)
+    values.narrow(2, start, n).copy_(v)
     if n == 1:
         out = attend(q, keys, values, read)
     else:
-        past_k, past_v = keys[:, :, :stop], values[:, :, :stop]
+        past_k, past_v = keys.narrow(2, 0, stop), values.narrow(2, 0, stop)
         causal = read is None and start == 0
         out = F.scaled_dot_product_attention(q, past_k, past_v, attn_mask=read, is_causal=causal)
     x = x + project(out.transpose(1, 2).reshape(b, n, -1), w.out)
@@ -296,6 +304,36 @@ def logits(w: DecodeWeights, x: torch.Tensor) -> torch.Tensor:
     """Final LayerNorm and the image head: hidden states (..., dim) -> (..., image_vocab)."""
     h = F.layer_norm(x, x.shape[-1:], w.norm_weight, w.norm_bias, eps=EPS)
     return project(h, w.head_weight, w.head_bias)
+
+
+SERIAL_ROWS = 32  # a CPU step over fewer rows than this runs on one thread (decode_threads)
+
+
+def decode_threads(rows: int, device: torch.device) -> int:
+    """Intra-op threads for the cached steps of ``rows`` batch rows.
+
+    Fewer than :data:`SERIAL_ROWS` rows on a CPU: one. A step then is a few hundred small
+    operations (a matrix product of 1-16 rows by a 256-wide layer costs tens of
+    microseconds), too small to split: on the shared 2-core machine the second thread
+    doubled the process CPU time for no shorter wall time, and under load lengthened it
+    (batch 8: 435 vs 315 tokens/s, docs/benchmarks.md). Otherwise torch's setting.
+    """
+    if device.type != "cpu" or rows >= SERIAL_ROWS:
+        return torch.get_num_threads()
+    return 1
+
+
+@contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)``, then restore the previous count."""
+    before = torch.get_num_threads()
+    if n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n != before:
+            torch.set_num_threads(before)
 
 
 def decode_mode(requested: str | None, device: torch.device) -> str:

@@ -28,17 +28,20 @@ dtype=torch.bfloat16)``); nothing is autocast inside the loop (autocast under
 before guidance, filtering and sampling.
 
 Speed: the step is :meth:`DALLE.step` (:mod:`dalle1.decoding`); ``decode=`` picks its
-form (eager, compiled, CUDA graph; default ``$DALLE1_DECODE`` or ``auto``).
+form (eager, compiled, CUDA graph; default ``$DALLE1_DECODE`` or ``auto``). On a CPU a
+cached loop over fewer than 32 rows runs on one thread (:func:`dalle1.decoding.decode_threads`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from .decoding import decode_threads, intra_op_threads
 from .transformer import DALLE
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -105,6 +108,10 @@ class SamplingOptions:
 
     def check(self) -> None:
         """One-line errors for values no sampler can use."""
+        for name in ("temperature", "cond_scale", "top_p"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -126,8 +133,15 @@ def next_code(
     if options.guided:
         cond, uncond = logits.chunk(2)
         logits = uncond + options.cond_scale * (cond - uncond)
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(
+            "the model's logits are not finite (NaN/Inf): the weights are broken or "
+            f"cond_scale={options.cond_scale} is too large"
+        )
     if options.temperature == 0:
         return logits.argmax(-1)
+    if options.temperature < 1:  # l / T overflows for a tiny T: shift the largest logit to 0 first
+        logits = logits - logits.amax(-1, keepdim=True)
     filtered = filter_logits(logits / options.temperature, options.top_k, options.top_p)
     return pick(filtered, 1.0, generators)
 
@@ -198,8 +212,10 @@ def sample_codes(
     def doubled(x: torch.Tensor) -> torch.Tensor:  # the same codes feed both halves of the batch
         return torch.cat([x, x]) if guided else x
 
-    with torch.inference_mode():
-        # 2B rows under guidance: the conditional rows, then the empty caption's
+    # 2B rows under guidance: the conditional rows, then the empty caption's
+    n_rows = 2 * B if guided else B
+    threads = decode_threads(n_rows, device) if use_cache else torch.get_num_threads()
+    with torch.inference_mode(), intra_op_threads(threads):
         rows = torch.cat([text, null_text.to(text).expand_as(text)]) if guided else text
         codes = torch.zeros(B, N, dtype=torch.long, device=device)
         if use_cache:

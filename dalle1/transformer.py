@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from x_transformers import Decoder
+from x_transformers.x_transformers import LayerNorm as XLayerNorm
 
 from . import decoding
 from .config import DALLEConfig
@@ -85,6 +86,22 @@ def _gain(norm: nn.Module) -> torch.Tensor:
     """The gain an x-transformers ``LayerNorm`` multiplies by: gamma, plus 1 with
     ``unit_offset`` (its Decoder's default: gamma is stored as the offset from 1)."""
     return (norm.gamma + float(norm.unit_offset)).detach()
+
+
+def init_weights(module: nn.Module) -> None:
+    """The constructors' own initialisation, again, of ``module`` and everything in it.
+
+    For a model materialised with ``to_empty`` (built on the meta device): torch layers'
+    ``reset_parameters`` (and :meth:`DALLE.reset_parameters`, the mask buffers), and
+    x-transformers' LayerNorm gain, which has no such method. Module by module in
+    registration order, which is the order the constructors drew their random numbers:
+    with the same seed, a materialised model equals one built directly.
+    """
+    for m in module.modules():
+        if isinstance(m, XLayerNorm):
+            nn.init.constant_(m.gamma, 1.0 - float(m.unit_offset))
+        elif callable(getattr(m, "reset_parameters", None)):
+            m.reset_parameters()
 
 
 @dataclass
@@ -158,15 +175,29 @@ class DALLE(nn.Module):
         self.kinds = list(kinds) if kinds is not None else layer_kinds(cfg.depth, cfg.attention)
         if len(self.kinds) != cfg.depth or not set(self.kinds) <= set(KINDS):
             raise ValueError(f"kinds must name one of {KINDS} per layer ({cfg.depth}): {kinds}")
-        for kind in set(self.kinds) - {"dense"}:
-            mask = stream_mask(kind, shape.text_len, shape.grid, cfg.conv_kernel)
-            self.register_buffer(f"bias_{kind}", mask_to_bias(mask), persistent=False)
-            self.register_buffer(f"mask_{kind}", mask, persistent=False)
         # decoding's derived state, built on first use (plain attributes: never saved)
         self._reads: dict[tuple, list[Read]] = {}  # (kind, device) -> per stream position
         self._static_reads: dict[tuple, StaticReads] = {}  # (kind, device, dtype) -> padded
         self._decode_weights: tuple[tuple, DecodeWeights] | None = None  # (fingerprint, weights)
         self._compiled_step = None  # torch.compile(static_step), shared by this model's caches
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re)compute the mask-derived buffers: the model's own state that is not a parameter.
+
+        They are made on the CPU whatever the default device (building on the meta device
+        must not need ``.item()`` of a meta tensor), then placed where the model's other
+        buffers already are: so after ``to_empty(device=...)`` this restores them exactly.
+        Parameters are left to the sub-modules (:func:`init_weights`).
+        """
+        device = next(self.buffers(recurse=False), self.norm.weight).device
+        device = torch.device("cpu") if device.type == "meta" else device
+        for kind in sorted(set(self.kinds) - {"dense"}):
+            with torch.device("cpu"):
+                mask = stream_mask(kind, self.shape.text_len, self.shape.grid, self.cfg.conv_kernel)
+                bias = mask_to_bias(mask)
+            for name, value in {"bias": bias, "mask": mask}.items():
+                self.register_buffer(f"{name}_{kind}", value.to(device), persistent=False)
 
     # --- the stream -------------------------------------------------------------------
 
@@ -276,7 +307,7 @@ class DALLE(nn.Module):
 
     def allowed_keys(self, kind: str) -> torch.Tensor:
         """The boolean stream mask of ``kind`` (S, S), on the CPU: what decoding may read."""
-        return stream_mask(kind, self.shape.text_len, self.shape.grid, self.cfg.conv_kernel)
+        return getattr(self, f"mask_{kind}").cpu()
 
     def key_reads(self, kind: str) -> list[Read]:
         """Per stream position, how one decoded query reads its keys under ``kind``
