@@ -19,7 +19,10 @@ same run:
   row; ``weight_bytes``) plus, for every row of the batch, the cached keys and values
   its masks allow at that position (``kv_bytes_per_row``);
 * ``bound_tokens_per_s`` = batch × bandwidth / bytes_per_step: the rate at which merely
-  reading those bytes once per step would run; ``fraction_of_bound`` = measured / bound.
+  reading those bytes once per step would run; ``fraction_of_bound`` = measured / bound;
+  ``fraction_of_bound_cpu_time`` the same with tokens per second of process CPU time
+  (on a shared machine wall time stretches with the load, CPU time much less; the cached
+  loop runs on one thread below 32 rows, where a CPU second is a second of one core).
   (A weight set that fits in the last-level cache can beat the DRAM figure.)
 
 Options: ``--guided`` adds classifier-free guidance runs (2B rows); ``--recompute`` adds
@@ -223,6 +226,10 @@ def main() -> None:
                 bound = batch * gbs / row["bytes_per_step"]
                 row["bound_tokens_per_s"] = round(bound, 1)
                 row["fraction_of_bound"] = round(row["cached"]["tokens_per_s"] / bound, 3)
+                # the same from process CPU time: what the run gets from the cores it uses,
+                # whatever else the machine runs (one thread below 32 rows: CPU s = core s)
+                cpu_rate = len(text) * model.shape.num_codes / row["cached"]["cpu_seconds"]
+                row["fraction_of_bound_cpu_time"] = round(cpu_rate / bound, 3)
                 if args.guided:
                     row["guided"] = bench_sample(
                         model, text, null, device, args.repeats, cond_scale=3.0, decode=args.decode

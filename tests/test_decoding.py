@@ -7,7 +7,17 @@ import torch
 import torch.nn.functional as F
 
 from dalle1.config import DALLEConfig
-from dalle1.decoding import StepRunner, attend, decode_mode, key_reads, runs, static_step
+from dalle1.decoding import (
+    SERIAL_ROWS,
+    StepRunner,
+    attend,
+    decode_mode,
+    decode_threads,
+    intra_op_threads,
+    key_reads,
+    runs,
+    static_step,
+)
 from dalle1.masks import stream_mask
 from dalle1.sampling import pick, sample_codes
 from dalle1.transformer import DALLE, StreamShape
@@ -144,6 +154,28 @@ def test_decode_mode_follows_the_argument_then_the_environment(monkeypatch):
     assert decode_mode(None, cuda) == "eager"  # the switch that turns compiling off
     with pytest.raises(ValueError, match="decode mode must be one of"):
         decode_mode("fast", cpu)
+
+
+def test_small_cpu_batches_decode_on_one_thread_and_the_setting_comes_back(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    before = torch.get_num_threads()
+    assert decode_threads(1, cpu) == decode_threads(SERIAL_ROWS - 1, cpu) == 1
+    assert decode_threads(SERIAL_ROWS, cpu) == decode_threads(1, cuda) == before
+    m, t = make(ALL_KINDS), text(3)
+    seen = []
+    step = m.step
+
+    def recording_step(*args):
+        seen.append(torch.get_num_threads())
+        return step(*args)
+
+    monkeypatch.setattr(m, "step", recording_step)
+    cached = sample_codes(m, t, temperature=0)
+    assert seen == [1] * (SHAPE.num_codes - 1) and torch.get_num_threads() == before
+    assert torch.equal(cached, sample_codes(m, t, temperature=0, use_cache=False))
+    with pytest.raises(RuntimeError), intra_op_threads(1):
+        raise RuntimeError  # an error inside still restores the count
+    assert torch.get_num_threads() == before
 
 
 def test_decoding_sees_weights_updated_in_place():
