@@ -117,7 +117,7 @@ class DALLEModule(StageModule):
         # bf16 on a CPU: torch's flash attention kernel runs its backward about 3x slower in
         # bf16 than in float32, which cost more than bf16 saved in the matrix products. The
         # layers' plain attention (q k^T and the weighted sum as bf16 matmuls, the softmax in
-        # float32) is the fastest of the three here (demo model: 1.8x the float32 step).
+        # float32) is the fastest of the three here (demo model: 1.7x less CPU time per step than float32).
         self._flash = set_flash_attention(self.dalle, not _bf16_on_cpu(self))
 
     def on_fit_end(self) -> None:
