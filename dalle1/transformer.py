@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from torch import nn
 from x_transformers import Decoder
 
+from .attention import BlockPlan, block_plan, sparse_attention
 from .config import DALLEConfig
-from .masks import KINDS, layer_kinds, mask_to_bias, stream_mask
+from .masks import KINDS, key_table, layer_kinds, mask_to_bias, stream_rows
 
 
 @dataclass
@@ -131,16 +132,10 @@ class DALLE(nn.Module):
         self.kinds = list(kinds) if kinds is not None else layer_kinds(cfg.depth, cfg.attention)
         if len(self.kinds) != cfg.depth or not set(self.kinds) <= set(KINDS):
             raise ValueError(f"kinds must name one of {KINDS} per layer ({cfg.depth}): {kinds}")
-        for kind in set(self.kinds) - {"dense"}:
-            mask = stream_mask(kind, shape.text_len, shape.grid, cfg.conv_kernel)
-            self.register_buffer(f"bias_{kind}", mask_to_bias(mask), persistent=False)
-            self.register_buffer(f"mask_{kind}", mask, persistent=False)
-            # row p: the key positions query p may attend, ascending, then padding
-            keys = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)
-            self.register_buffer(
-                f"keys_{kind}", keys[:, : int(mask.sum(1).max())], persistent=False
-            )
-            self._key_counts[kind] = mask.sum(1).tolist()
+        # Mask-derived tables (block plans, decode key lists) are built on first use, on
+        # the device of the input, and kept here: none is a buffer, so construction on
+        # the meta device touches no mask, and the state dict holds parameters only.
+        self._tables: dict[tuple, object] = {}
 
     # --- the stream -------------------------------------------------------------------
 
@@ -158,19 +153,59 @@ class DALLE(nn.Module):
         grid = self.shape.grid
         return self.image_emb(codes) + self.row_pos(index // grid) + self.col_pos(index % grid)
 
+    # --- the masks, as the layers use them ------------------------------------------
+
+    def _table(self, what: str, kind: str, device: torch.device, build):
+        """A mask-derived table, built once per (kind, device) on first use."""
+        key = (what, kind, device)
+        if key not in self._tables:
+            self._tables[key] = build()
+        return self._tables[key]
+
+    def block_plan(self, kind: str, device: torch.device) -> BlockPlan:
+        """How the full forward cuts a sparse layer into blocks (:mod:`dalle1.attention`)."""
+        s = self.shape
+        return self._table(
+            "plan",
+            kind,
+            device,
+            lambda: block_plan(kind, s.text_len + 1, s.grid, self.cfg.conv_kernel, device),
+        )
+
+    def key_table(self, kind: str, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+        """For decoding under a sparse kind: query position ``p`` may attend exactly the key
+        positions ``index[p, :count[p]]`` (ascending), see :func:`dalle1.masks.key_table`."""
+
+        def build():
+            s = self.shape
+            index, count = key_table(kind, s.text_len, s.grid, self.cfg.conv_kernel, device)
+            return index, count.tolist()
+
+        return self._table("keys", kind, device, build)
+
+    def attn_mask(self, kind: str, start: int, stop: int) -> torch.Tensor:
+        """Boolean rows of the stream mask for queries start … stop-1 against keys 0 … stop-1."""
+        s = self.shape
+        device = self.norm.weight.device
+        return stream_rows(kind, s.text_len, s.grid, start, stop, self.cfg.conv_kernel, device)
+
     def attn_bias(self, kind: str, start: int, stop: int) -> torch.Tensor | None:
-        """Bias rows for query positions start … stop-1 against keys 0 … stop-1."""
+        """The same rows as an additive bias (B, H broadcast), for x-transformers' own forward;
+        ``None`` for dense (x-transformers' causal mask)."""
         if kind == "dense":
-            return None  # plain causal attention: x-transformers' own causal mask
-        return getattr(self, f"bias_{kind}")[start:stop, :stop][None, None]
+            return None
+        return mask_to_bias(self.attn_mask(kind, start, stop))[None, None]
+
+    # --- the layers -------------------------------------------------------------------
 
     def run_layers(
         self, x: torch.Tensor, cache: Cache | None = None
     ) -> tuple[torch.Tensor, Cache | None]:
         """Send stream positions [start, start + n) through the layers; start = cached length.
 
-        Without a cache this is the x-transformers forward (training, full recompute). With
-        one, it is the decoding path of :meth:`_decode_layer`, which writes into the cache.
+        Without a cache this is the full forward (training, full recompute) of
+        :meth:`_layer`. With one, it is the decoding path of :meth:`_decode_layer`, which
+        writes into the cache.
         """
         if cache is not None:
             start, stop = cache.length, cache.length + x.shape[1]
@@ -179,10 +214,32 @@ class DALLE(nn.Module):
             for i, kind in enumerate(self.kinds):
                 x = self._decode_layer(i, kind, x, cache, start)
             return self.norm(x), Cache(cache.keys, cache.values, stop, cache.capacity)
-        for layer, kind in zip(self.layers, self.kinds):
-            bias = self.attn_bias(kind, 0, x.shape[1])
-            x = layer(x, attn_bias=None if bias is None else bias.to(x.dtype))
+        for i, kind in enumerate(self.kinds):
+            x = self._layer(i, kind, x)
         return self.norm(x), None
+
+    def _layer(self, i: int, kind: str, x: torch.Tensor) -> torch.Tensor:
+        """One pre-norm layer over the whole stream (x: (B, S, dim) from position 0).
+
+        The x-transformers ``Decoder`` layer's arithmetic with its own parameters
+        (LayerNorm -> q, k, v -> attention -> out, residual; LayerNorm -> feed-forward,
+        residual); only the attention is ours: causal ``scaled_dot_product_attention`` for
+        dense, :func:`dalle1.attention.sparse_attention` (blocks: cost follows the keys the
+        mask allows) for row / column / conv.
+        """
+        norm, attn, ff_norm, ff = _layer_parts(self.layers[i])
+        b, n, _ = x.shape
+        h = norm(x)
+        q, k, v = (proj(h).view(b, n, attn.heads, -1) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        dropout = self.cfg.dropout if self.training else 0.0
+        if kind == "dense":
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, S, d)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+            x = x + attn.to_out(out.transpose(1, 2).reshape(b, n, -1))
+        else:
+            plan = self.block_plan(kind, x.device)
+            x = x + sparse_attention(q, k, v, plan, dropout, project=attn.to_out)
+        return x + ff(ff_norm(x))
 
     def _decode_layer(
         self, i: int, kind: str, x: torch.Tensor, cache: Cache, start: int
@@ -218,7 +275,8 @@ class DALLE(nn.Module):
         values[:, :, start:stop] = v
         mask = None
         if n == 1 and kind != "dense":
-            index = getattr(self, f"keys_{kind}")[start, : self._key_counts[kind][start]]
+            table, count = self.key_table(kind, x.device)
+            index = table[start, : count[start]]
             keys, values = keys.index_select(2, index), values.index_select(2, index)
         else:
             keys, values = keys[:, :, :stop], values[:, :, :stop]
@@ -229,16 +287,6 @@ class DALLE(nn.Module):
         )
         x = x + attn.to_out(out.transpose(1, 2).reshape(b, n, -1))
         return x + ff(ff_norm(x))
-
-    def attn_mask(self, kind: str, start: int, stop: int) -> torch.Tensor:
-        """Boolean rows of the stream mask for queries start … stop-1 against keys 0 … stop-1."""
-        if kind == "dense":
-            device = self.norm.weight.device
-            return (
-                torch.arange(stop, device=device)
-                <= torch.arange(start, stop, device=device)[:, None]
-            )
-        return getattr(self, f"mask_{kind}")[start:stop, :stop]
 
     # --- training ---------------------------------------------------------------------
 
