@@ -30,8 +30,8 @@ Memory. Each image key appears in several blocks, so the gathered blocks are cop
 SDPA would keep them for its backward pass; :func:`_blocks` keeps only how to gather
 them again (the sources ``q, k, v`` are kept anyway), so a sparse layer keeps what a
 dense one keeps: ``q, k, v``, the attention output and its softmax statistics, linear
-in the number of codes. The blocks are processed in chunks, so that the copies that
-exist for a moment are never larger than the layer's own keys.
+in the number of codes. Long streams run their blocks in chunks, which bounds the copies
+that exist for a moment to a few times the layer's own keys.
 
 ``tests/test_attention.py`` holds every kind to plain masked attention over the whole
 stream, forward and gradients.
@@ -196,9 +196,15 @@ def _blocks(
     return out.transpose(1, 2).reshape(blocks * b, batch, heads, dim)
 
 
+# How many times the stream's own rows the gathered keys of one chunk may hold. Each
+# chunk costs a pass over the gradients of q, k, v, so chunks are few (one at grid 32);
+# they bound the memory of a long stream's gathered blocks.
+CHUNK_ROWS = 4
+
+
 def _chunks(plan: BlockPlan, blocks: int, size: int) -> list[tuple[int, int]]:
-    """Runs of blocks whose gathered keys hold about as many rows as the stream itself."""
-    per_chunk = max(1, size // plan.keys.shape[1])
+    """Runs of blocks whose gathered keys hold at most ``CHUNK_ROWS`` times the stream."""
+    per_chunk = max(1, CHUNK_ROWS * size // plan.keys.shape[1])
     return [(lo, min(lo + per_chunk, blocks)) for lo in range(0, blocks, per_chunk)]
 
 

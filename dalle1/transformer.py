@@ -20,13 +20,16 @@ embedding). These are absolute, added once at the input, which keeps the
 key/value cache trivially exact: a cached key never depends on how many tokens
 come after it.
 
-Each layer is an x-transformers ``Decoder`` of depth one, so that every layer
-can be given its own DALL-E attention mask (row / column / conv, see
-:mod:`dalle1.masks`) as an additive bias. Training and full recompute run
-x-transformers' forward; decoding with the key/value cache (``prefill`` /
-``step``) runs the same layer arithmetic through :meth:`DALLE._decode_layer`,
-with preallocated key/value buffers and, under a sparse mask, only the keys
-the mask allows (the tests hold it to the x-transformers forward, ≤ 1e-4).
+Each layer holds the parameters of an x-transformers ``Decoder`` of depth one
+(pre-norm attention + feed-forward), and every layer has its own attention kind
+(dense, or DALL-E's row / column / conv masks, see :mod:`dalle1.masks`). The
+layer arithmetic is written out here, twice: :meth:`DALLE._layer` for training
+and full recompute, where a sparse layer runs :func:`dalle1.attention.sparse_attention`
+(blocks of queries against the keys their mask allows, never an (S, S) mask),
+and :meth:`DALLE._decode_layer` for decoding with the key/value cache
+(``prefill`` / ``step``), with preallocated buffers and, under a sparse mask,
+only the keys the mask allows. The tests hold both to x-transformers' own
+forward with the whole mask as a bias (≤ 1e-5 and ≤ 1e-4).
 """
 
 from __future__ import annotations
@@ -103,15 +106,16 @@ class DALLE(nn.Module):
         (one of ``dense | row | column | conv`` per layer; tests and experiments)."""
         super().__init__()
         self.cfg, self.shape = cfg, shape
-        self._key_counts: dict[str, list[int]] = {}
         dim = cfg.dim
         self.text_emb = nn.Embedding(shape.text_vocab, dim)
         self.image_emb = nn.Embedding(shape.image_vocab, dim)
         self.text_pos = nn.Embedding(shape.text_len + 1, dim)  # <bos> + L slots
         self.row_pos = nn.Embedding(shape.grid, dim)
         self.col_pos = nn.Embedding(shape.grid, dim)
-        # _decode_layer re-implements these layers for cached decoding: a new Decoder
-        # option must be mirrored there (the cached == recompute tests will say so).
+        # These Decoders hold each layer's parameters (their names are the model folder's);
+        # _layer (full forward) and _decode_layer (cached decoding) run their arithmetic,
+        # so a new Decoder option must be mirrored there (tests/test_transformer.py holds
+        # both to x-transformers' own forward).
         self.layers = nn.ModuleList(
             Decoder(
                 dim=dim,
