@@ -237,13 +237,19 @@ def sparse_attention(
     pieces = [project(out_text.transpose(1, 2).reshape(batch, T, heads * dim))]
     m = size - T  # image codes present
     if m > 0:
-        # a raster prefix needs only the blocks it reaches; each column block holds row 0
-        blocks = len(plan.queries) if plan.kind == "column" else -(-m // plan.block)
-        image = [
-            project(_blocks(q, k, v, plan, lo, hi, dropout_p).flatten(2))  # (slots, B, ·)
-            for lo, hi in _chunks(plan, blocks, size)
-        ]
+        n = plan.grid * plan.grid
+        if plan.kind == "column":  # every column block holds row 0
+            blocks = len(plan.queries)
+            # slots worth projecting: the last slot is the last code, absent from an
+            # input stream (a shorter prefix's other missing codes are projected, unused)
+            real = n if m == n else n - 1
+        else:  # a raster prefix needs only the blocks it reaches, and its own slots
+            blocks, real = -(-m // plan.block), m
+        image = []
+        for lo, hi in _chunks(plan, blocks, size):
+            out = _blocks(q, k, v, plan, lo, hi, dropout_p)  # (slots, B, heads, d)
+            image.append(project(out[: real - lo * plan.block].flatten(2)))
         if plan.kind == "column":  # slots run column by column: back to raster order
             image = [torch.cat(image).index_select(0, plan.raster_slot[:m])]
         pieces += [piece.transpose(0, 1) for piece in image]
-    return torch.cat(pieces, 1)[:, :size]  # drops the padding of the last block
+    return torch.cat(pieces, 1)

@@ -1,8 +1,11 @@
 """The ``dalle1`` command line: ``dalle1 train``, ``dalle1 sample``, ``dalle1 data shapes`` …
 
 ``train.py`` and ``sample.py`` at the top of the repository are the same
-commands. Errors a user can fix (bad config key, missing folder, bad prompt)
-print one line and exit with status 2 instead of a traceback.
+commands. Errors a user can fix (bad config key, missing folder, bad prompt,
+an unwritable ``--out``, a full disk) print one line naming the file or the key
+and exit with status 2 instead of a traceback; Ctrl-C prints one line and exits
+with 130. The checks that need no model run before the model is loaded, and the
+ones that need it before any sampling (see "errors" at the end of this file).
 
 Every dalle1 module is imported here at the top, except two that only one command
 needs and that are heavy or have side effects: :mod:`dalle1.training` (Lightning),
@@ -14,7 +17,10 @@ Lightning.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -36,8 +42,10 @@ from .data.problems import DataProblems
 from .data.shards import write_shards
 from .editing import parse_box
 from .evaluation import evaluate_vae
-from .images import load_image, save_grid, stack_images
-from .pipeline import DALLEPipeline
+from .files import read_text
+from .images import load_image, open_input, save_grid, stack_images
+from .pipeline import DALLEPipeline, check_count
+from .planning import GPUS, PlanOptions, format_plans, plan
 from .sampling import SamplingOptions
 
 USER_ERRORS = (ConfigError, ModelFolderError, FileNotFoundError, ValueError)
@@ -83,6 +91,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue from out_dir/checkpoints/last.ckpt"
     )
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an out_dir that holds an earlier run (deletes its checkpoints, logs)",
+    )
+    p.add_argument(
         "overrides",
         nargs="*",
         metavar="section.key=value",
@@ -95,7 +108,7 @@ def run_train(args: argparse.Namespace) -> None:
     from .training import fit  # Lightning: only `dalle1 train` imports it
 
     config = load_config(args.config, args.overrides)
-    folder = fit(config, resume=args.resume)
+    folder = fit(config, resume=args.resume, overwrite=args.overwrite)
     print(f"model folder: {folder}")
 
 
@@ -127,7 +140,13 @@ def run_sample(args: argparse.Namespace) -> None:
     if args.image is not None or edit_mode_flags(args):
         run_edit(args)
         return
-    pipe = DALLEPipeline.from_pretrained(args.model, device=args.device)
+    check_count("--num-images", args.num_images, args.num_images * len(args.prompt))
+    if args.keep is not None and not args.rerank:
+        raise ValueError("--keep needs --rerank")
+    if args.keep is not None and args.keep > args.num_images:
+        raise ValueError(f"--keep {args.keep} is more than --num-images {args.num_images}")
+    out = output_folder(args.out)
+    pipe = DALLEPipeline.from_pretrained(args.model, device=check_device(args.device))
     result = pipe(
         args.prompt,
         num_images=args.num_images,
@@ -138,8 +157,6 @@ def run_sample(args: argparse.Namespace) -> None:
         progress=True,
     )
     per_prompt = len(result.images) // len(args.prompt)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     lines = []
     scores = result.scores or [None] * len(result.images)
     for i, (image, prompt, seed, score) in enumerate(
@@ -228,8 +245,20 @@ def run_edit(args: argparse.Namespace) -> None:
     prompts = args.prompt or [""]
     if len(prompts) != 1:
         raise ValueError(f"editing takes one --prompt, got {len(prompts)}")
-    candidates = args.candidates or getattr(args, "num_images", None) or 4
-    pipe = DALLEPipeline.from_pretrained(args.model, device=args.device)
+    candidates = args.candidates
+    if candidates is None:  # an explicit --candidates 0 is an error, not the default
+        candidates = getattr(args, "num_images", None) or 4
+    check_count("--candidates", candidates)
+    box = parse_box(args.box) if args.box is not None else None
+    image = open_input(args.image)  # before the model: a bad file fails in a second
+    mask = open_input(args.mask, "mask image") if args.mask is not None else None
+    out = output_folder(args.out)
+    pipe = DALLEPipeline.from_pretrained(args.model, device=check_device(args.device))
+    size = pipe.vae.cfg.image_size
+    if not 0 <= args.feather <= size:
+        raise ValueError(
+            f"--feather {args.feather} must lie in [0, {size}] (the model's image size)"
+        )
     common = dict(
         candidates=candidates,
         seed=args.seed,
@@ -238,23 +267,21 @@ def run_edit(args: argparse.Namespace) -> None:
         feather=args.feather,
         progress=True,
     )
-    if args.box is not None:
-        result = pipe.edit(args.image, prompts[0], box=parse_box(args.box), **common)
-    elif args.mask is not None:
-        result = pipe.edit(args.image, prompts[0], mask_image=args.mask, **common)
+    if box is not None:
+        result = pipe.edit(image, prompts[0], box=box, **common)
+    elif mask is not None:
+        result = pipe.edit(image, prompts[0], mask_image=mask, **common)
     elif args.complete_rows is not None:
-        result = pipe.complete(args.image, prompts[0], rows=args.complete_rows, **common)
+        result = pipe.complete(image, prompts[0], rows=args.complete_rows, **common)
     else:
         result = pipe.variations(
-            args.image,
+            image,
             prompts[0],
             fraction=args.variation,
             mode=args.variation_mode,
             mask_seed=args.mask_seed,
             **common,
         )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     result.original.save(out / "original.png")
     result.mask.save(out / "mask.png")
     lines = []
@@ -360,9 +387,14 @@ def run_data_format(args: argparse.Namespace) -> None:
         cfg = DataConfig(path=args.src)
         if data_format(cfg) == "webdataset":
             raise ValueError(f"'{args.src}' already holds shards")
-        paths = write_shards(load_pairs(cfg), args.out, args.shard_size, args.prefix)
-        print(f"wrote {len(paths)} shards to {args.out}")
+        problems = DataProblems()
+        paths = write_shards(
+            load_pairs(cfg, problems), args.out, args.shard_size, args.prefix, problems=problems
+        )
+        skipped = f"; {problems.summary()}" if problems.read() else ""
+        print(f"wrote {len(paths)} shards and shards.json to {args.out}{skipped}")
     elif args.data_command == "encode":
+        output_folder(args.out)  # before encoding: an unwritable --out fails now, not at the end
         out = encode_data(args.model, DataConfig(path=args.data), args.out, args.batch_size)
         print(f"wrote codes to {out} (train with data.codes={out})")
     elif args.data_command == "emoji":
@@ -376,8 +408,8 @@ def run_data_format(args: argparse.Namespace) -> None:
 def parse_list(value: str) -> list[str]:
     """A comma-separated list, or the path of a file with one item per line."""
     path = Path(value)
-    if path.is_file():
-        items = [line.strip() for line in path.read_text().splitlines()]
+    if path.exists() and not path.is_dir():  # a file of items (a pipe or a device is refused)
+        items = [line.strip() for line in read_text(path, "list").splitlines()]
     else:
         items = [item.strip() for item in value.split(",")]
     items = [item for item in items if item and not item.startswith("#")]
@@ -405,7 +437,7 @@ def add_classify_args(p: argparse.ArgumentParser) -> None:
 @command("classify", add_classify_args)
 def run_classify(args: argparse.Namespace) -> None:
     """Zero-shot classification of images with the model's contrastive scorer."""
-    pipe = DALLEPipeline.from_pretrained(args.model, device=args.device)
+    pipe = DALLEPipeline.from_pretrained(args.model, device=check_device(args.device))
     if pipe.clip is None:
         raise ValueError(f"'{args.model}' has no clip/ scorer; train one with train.stage=clip")
     labels = parse_list(args.labels)
@@ -455,7 +487,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> None:
     """Held-out bits per token, scorer figures with and without reranking, label accuracy."""
     prompts = read_prompts(args.prompts)
-    pipe = DALLEPipeline.from_pretrained(args.model, device=args.device)
+    if args.keep > args.num_images:
+        raise ValueError(f"--keep {args.keep} is more than --num-images {args.num_images}")
+    if args.out:
+        output_file(args.out)
+    pipe = DALLEPipeline.from_pretrained(args.model, device=check_device(args.device))
     result = evaluate(
         pipe,
         args.data,
@@ -503,7 +539,8 @@ def run_synth(args: argparse.Namespace) -> None:
         templates = parse_list(args.templates)
     else:
         raise FileNotFoundError(f"templates file '{args.templates}' does not exist")
-    pipe = DALLEPipeline.from_pretrained(args.model, device=args.device)
+    output_folder(args.out)
+    pipe = DALLEPipeline.from_pretrained(args.model, device=check_device(args.device))
     summary = synthesize(
         pipe,
         classes,
@@ -525,11 +562,14 @@ def add_explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder written by train.py")
     p.add_argument("--out", default="outputs/explain", help="folder for the pictures")
     p.add_argument("--prompt", default=None, help="caption for the stream layout and animation")
-    p.add_argument("--seed", type=int, default=0, help="seed of the animated sample")
     p.add_argument(
         "--images", nargs="*", default=None, help="images to reconstruct (default: the data folder)"
     )
     p.add_argument("--schedule-only", action="store_true", help="draw only the configured masks")
+    p.add_argument("--edit-image", default=None, help="image to edit (default: the first example)")
+    p.add_argument("--edit-prompt", default=None, help="caption of the edit (default: --prompt)")
+    p.add_argument("--edit-box", default=None, help="x0,y0,x1,y1 pixels (default: the middle half)")
+    add_sampling_args(p, "the animated sample uses --seed")
 
 
 @command("explain", add_explain_args)
@@ -542,6 +582,11 @@ def run_explain(args: argparse.Namespace) -> None:
         seed=args.seed,
         images=args.images,
         all_kinds=not args.schedule_only,
+        edit_image=args.edit_image,
+        edit_prompt=args.edit_prompt,
+        edit_box=None if args.edit_box is None else parse_box(args.edit_box),
+        options=sampling_options(args),
+        device=args.device,
     )
     for name in result.files:
         print(f"wrote {Path(args.out) / name}")
@@ -603,11 +648,191 @@ def run_eval_vae(args: argparse.Namespace) -> None:
             save_grid(torch.cat([originals, recons]), out / "recon.png", nrow=n, scale=args.scale)
 
 
+# --- plan: parameters, memory per GPU, FLOPs, step time and decode speed of a config ---------
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config of a transformer stage")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="GPU counts to plan for, one column each (default: train.devices x train.num_nodes)",
+    )
+    p.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU model (datasheet)")
+    p.add_argument(
+        "--strategy", choices=("fsdp", "ddp"), default=None, help="default: train.strategy"
+    )
+    p.add_argument("--precision", default=None, help="default: train.precision")
+    p.add_argument("--micro-batch", type=int, default=1, help="samples per GPU per forward pass")
+    p.add_argument(
+        "--global-batch",
+        type=int,
+        default=0,
+        help="samples per optimizer step (default: data.batch_size x GPUs of the config x accumulation)",
+    )
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the step time")
+    p.add_argument("--decode-batch", type=int, default=64, help="images decoded at once")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+@command("plan", add_plan_args)
+def run_plan(args: argparse.Namespace) -> None:
+    """Plan a run: parameters, memory per GPU, FLOPs, step time, decode tokens/s (no GPU needed)."""
+    config = load_config(args.config, args.overrides)
+    t = config.train
+    devices = t.devices if isinstance(t.devices, int) and t.devices > 0 else 1
+    strategy = args.strategy or ("fsdp" if t.strategy == "fsdp" else "ddp")
+    plans = [
+        plan(
+            config,
+            PlanOptions(
+                gpus=gpus,
+                gpu=args.gpu,
+                strategy=strategy,
+                precision=args.precision or t.precision,
+                micro_batch=args.micro_batch,
+                global_batch=args.global_batch,
+                checkpointing=t.activation_checkpointing,
+                mfu=args.mfu,
+                decode_batch=args.decode_batch,
+            ),
+        )
+        for gpus in args.gpus or [devices * t.num_nodes]
+    ]
+    print(json.dumps(plans, indent=2) if args.json else format_plans(plans))
+
+
+# --- errors: one line naming the file or the key, exit status 2 -----------------------------
+
+#: the least value of each numeric flag, wherever a command has it (checked before any work)
+AT_LEAST = {
+    "num_images": 1,
+    "keep": 1,
+    "candidates": 1,
+    "batch_size": 1,
+    "per_class": 1,
+    "shard_size": 1,
+    "count": 1,
+    "image_size": 1,
+    "size": 1,
+    "scale": 1,
+    "max_pairs": 1,
+    "top_k": 1,
+    "feather": 0,
+    "grid": 0,
+    "limit": 0,
+    "complete_rows": 0,
+    "port": 1,
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``dalle1 sample: error: …``), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The numeric flags of :data:`AT_LEAST` and the sampling options, before any work."""
+    for dest, least in AT_LEAST.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, int) and value < least:
+            raise ValueError(f"--{dest.replace('_', '-')} must be >= {least}, got {value}")
+    if hasattr(args, "temperature"):
+        sampling_options(args).check()
+    for dest in ("min_score", "variation"):
+        value = getattr(args, dest, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{dest.replace('_', '-')} must be a finite number, got {value}")
+
+
+def check_device(name: str) -> str:
+    """``--device``: a device torch knows and this machine has (``auto`` is left as it is)."""
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps …)"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {name}: no CUDA GPU is available here (torch.cuda.is_available() is "
+                "False); use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+    return name
+
+
+def _writable(folder: Path, flag: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(
+            f"{flag} '{folder}' is not a writable folder ({err.strerror or err})"
+        ) from None
+
+
+def output_folder(path: str | Path, flag: str = "--out") -> Path:
+    """A folder the command will write into, created and test-written before the long work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} '{path}' is a file, not a folder")
+    _writable(path, flag)
+    return path
+
+
+def output_file(path: str | Path, flag: str = "--out") -> Path:
+    """A file the command will write, checked before the long work (its folder is writable)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} '{path}' is a folder, not a file name")
+    _writable(path.parent, flag)
+    return path
+
+
+def error_line(err: BaseException) -> str | None:
+    """The one-line message of an error a user can fix, or None for a bug (a traceback)."""
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+        name = err.filename or ""
+        where = f" '{name}'" if name else ""
+        if err.errno == errno.ENOSPC:
+            return f"no space left on the device while writing{where}"
+        return f"cannot use{where}: {err.strerror or err}"
+    if isinstance(err, USER_ERRORS):
+        return str(err)
+    if type(err).__name__ == "MisconfigurationException":  # Lightning's, raised inside fit
+        return f"Lightning: {err}"
+    if isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in str(err):
+        return (
+            "the checkpoint does not fit the model this config builds (was the architecture "
+            f"changed since the run began?): {str(err).splitlines()[0]}"
+        )
+    if isinstance(err, RecursionError):
+        return "input nested too deeply"
+    return None
+
+
 # --- entry point -------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dalle1", description="DALL-E 1: train, sample, edit.")
+    parser = OneLineParser(prog="dalle1", description="DALL-E 1: train, sample, edit.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add_args, _) in COMMANDS.items():
         add_args(
@@ -627,9 +852,17 @@ def main(argv: list[str] | None = None, command_name: str | None = None) -> int:
     ]
     args = build_parser().parse_args(argv)
     try:
+        check_flags(args)
         COMMANDS[args.command][1](args)
-    except USER_ERRORS as err:
-        print(f"dalle1 {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"dalle1 {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - user errors become one line, bugs stay tracebacks
+        line = error_line(err)
+        if line is None:
+            raise
+        line = " ".join(line.split())  # one line, whatever the message held
+        print(f"dalle1 {args.command}: error: {line}", file=sys.stderr)
         return 2
     return 0
 

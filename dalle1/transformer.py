@@ -34,13 +34,14 @@ forward with the whole mask as a bias (≤ 1e-5 and ≤ 1e-4).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from x_transformers import Decoder
+from x_transformers.x_transformers import LayerNorm as XLayerNorm
 
 from .attention import BlockPlan, block_plan, sparse_attention
 from .config import DALLEConfig
@@ -68,6 +69,61 @@ def _layer_parts(layer: Decoder) -> tuple[nn.Module, nn.Module, nn.Module, nn.Mo
     first), [its norms (the pre-norm first), the block, the residual] (x-transformers 2.x)."""
     attn_block, ff_block = layer.layers
     return attn_block[0][0], attn_block[1], ff_block[0][0], ff_block[1]
+
+
+# (q, k, v) each (B, S, heads, d) and the output projection -> the projected attention
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, nn.Module], torch.Tensor]
+
+
+def dense_attention(dropout_p: float = 0.0) -> Attend:
+    """Plain causal attention over the whole stream (``attention: dense``)."""
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, project: nn.Module):
+        b, n, heads, d = q.shape
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, S, d)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        return project(out.transpose(1, 2).reshape(b, n, heads * d))
+
+    return attend
+
+
+class Layer(Decoder):
+    """One transformer layer: an x-transformers ``Decoder`` of depth one — its parameters,
+    their names (those of saved model folders) and its own forward — with dalle1's
+    forward beside it, whose attention the caller chooses.
+
+    ``layer(x, attend=f)``: pre-norm attention and feed-forward, each with its residual
+    (LayerNorm -> q, k, v -> ``f(q, k, v, to_out)``; LayerNorm -> feed-forward), the same
+    arithmetic as x-transformers'. ``layer(x, **kwargs)`` without ``attend`` is
+    x-transformers' own forward (the tests' reference). Called as a module either way,
+    so FSDP's and activation checkpointing's hooks on the layer see every call.
+    """
+
+    def forward(self, x: torch.Tensor, attend: Attend | None = None, **kwargs) -> torch.Tensor:
+        if attend is None:
+            return super().forward(x, **kwargs)
+        norm, attn, ff_norm, ff = _layer_parts(self)
+        b, n, _ = x.shape
+        h = norm(x)
+        q, k, v = (proj(h).view(b, n, attn.heads, -1) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        x = x + attend(q, k, v, attn.to_out)
+        return x + ff(ff_norm(x))
+
+
+def init_weights(module: nn.Module) -> None:
+    """The constructors' own initialisation, again, of ``module`` and everything in it.
+
+    For a model materialised with ``to_empty`` (built on the meta device): torch layers'
+    ``reset_parameters`` (and :meth:`DALLE.reset_parameters`, the mask tables), and
+    x-transformers' LayerNorm gain, which has no such method. Module by module in
+    registration order, which is the order the constructors drew their random numbers:
+    with the same seed, a materialised model equals one built directly.
+    """
+    for m in module.modules():
+        if isinstance(m, XLayerNorm):
+            nn.init.constant_(m.gamma, 1.0 - float(m.unit_offset))
+        elif callable(getattr(m, "reset_parameters", None)):
+            m.reset_parameters()
 
 
 @dataclass
@@ -117,7 +173,7 @@ class DALLE(nn.Module):
         # so a new Decoder option must be mirrored there (tests/test_transformer.py holds
         # both to x-transformers' own forward).
         self.layers = nn.ModuleList(
-            Decoder(
+            Layer(
                 dim=dim,
                 depth=1,
                 heads=cfg.heads,
@@ -140,6 +196,12 @@ class DALLE(nn.Module):
         # the device of the input, and kept here: none is a buffer, so construction on
         # the meta device touches no mask, and the state dict holds parameters only.
         self._tables: dict[tuple, object] = {}
+
+    def reset_parameters(self) -> None:
+        """The model's own state that is not a parameter: the mask-derived tables, which
+        are dropped here and rebuilt on first use (so nothing needs restoring after
+        ``to_empty``). Parameters are left to the sub-modules (:func:`init_weights`)."""
+        self._tables = {}
 
     # --- the stream -------------------------------------------------------------------
 
@@ -223,27 +285,19 @@ class DALLE(nn.Module):
         return self.norm(x), None
 
     def _layer(self, i: int, kind: str, x: torch.Tensor) -> torch.Tensor:
-        """One pre-norm layer over the whole stream (x: (B, S, dim) from position 0).
-
-        The x-transformers ``Decoder`` layer's arithmetic with its own parameters
-        (LayerNorm -> q, k, v -> attention -> out, residual; LayerNorm -> feed-forward,
-        residual); only the attention is ours: causal ``scaled_dot_product_attention`` for
-        dense, :func:`dalle1.attention.sparse_attention` (blocks: cost follows the keys the
-        mask allows) for row / column / conv.
-        """
-        norm, attn, ff_norm, ff = _layer_parts(self.layers[i])
-        b, n, _ = x.shape
-        h = norm(x)
-        q, k, v = (proj(h).view(b, n, attn.heads, -1) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        """Layer ``i`` over the whole stream (x: (B, S, dim) from position 0): causal
+        ``scaled_dot_product_attention`` for dense, :func:`dalle1.attention.sparse_attention`
+        (blocks whose cost follows the keys the mask allows) for row / column / conv."""
         dropout = self.cfg.dropout if self.training else 0.0
         if kind == "dense":
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, S, d)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
-            x = x + attn.to_out(out.transpose(1, 2).reshape(b, n, -1))
+            attend = dense_attention(dropout)
         else:
             plan = self.block_plan(kind, x.device)
-            x = x + sparse_attention(q, k, v, plan, dropout, project=attn.to_out)
-        return x + ff(ff_norm(x))
+
+            def attend(q, k, v, project):
+                return sparse_attention(q, k, v, plan, dropout, project=project)
+
+        return self.layers[i](x, attend=attend)
 
     def _decode_layer(
         self, i: int, kind: str, x: torch.Tensor, cache: Cache, start: int

@@ -2,10 +2,10 @@
 
 The order is also the reading order (README, docs/tour.md):
 
-    ground floor   config, files, images
+    ground floor   files, config, images
     the paper      text, vae, masks, attention, transformer, sampling, clip, editing, rerank
     data/          imports the ground floor only
-    assembly       checkpoint, codes, evaluation, pipeline
+    assembly       checkpoint, codes, evaluation, planning, pipeline
     training/      never the pipeline
     apps/          programs on top of the pipeline
     cli            the command line
@@ -28,8 +28,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dalle1"
 
 # module -> its place; a tuple sorts the files inside a wing by their own order
 ORDER: dict[str, tuple[int, ...]] = {
-    "config": (1,),
-    "files": (2,),
+    "files": (1,),
+    "config": (2,),
     "images": (3,),
     "text": (4,),
     "vae": (5,),
@@ -53,16 +53,26 @@ ORDER: dict[str, tuple[int, ...]] = {
     "checkpoint": (13,),
     "codes": (14,),
     "evaluation": (15,),
+    "planning": (15, 5),
     "pipeline": (16,),
     "": (16, 9),  # the face, dalle1/__init__.py
     "training.resilience": (17, 1),
+    "training.sharding": (17, 1),
     "training.systems": (17, 2),
     "training.datamodule": (17, 2),
+    "training.throughput": (17, 2),
     "training.fit": (17, 3),
     "training": (17, 9),
     "apps.evaluate": (18, 1),
     "apps.synth": (18, 1),
-    "apps.explain": (18, 1),
+    "apps.explain.figures": (18, 1, 1),
+    "apps.explain.stream": (18, 1, 2),
+    "apps.explain.attention": (18, 1, 2),
+    "apps.explain.tokens": (18, 1, 2),
+    "apps.explain.generation": (18, 1, 2),
+    "apps.explain.curves": (18, 1, 2),
+    "apps.explain.tour": (18, 1, 3),
+    "apps.explain": (18, 1, 9),  # the face, dalle1/apps/explain/__init__.py
     "apps.ui": (18, 1),
     "apps": (18, 9),
     "cli": (19,),
@@ -142,7 +152,7 @@ def judge(importer: str, mine: tuple[int, ...], target: str, in_function: bool) 
     if in_function and not any(in_wing(target, ok) for ok in IN_FUNCTION_OK.get(importer, ())):
         return f"{where} inside a function; only cli.py may, and only training / apps.ui"
     if in_wing(importer, "data") and not (in_wing(target, "data") or target in GROUND_FLOOR):
-        return f"{where}: data/ imports only the ground floor (config, files, images)"
+        return f"{where}: data/ imports only the ground floor (files, config, images)"
     if in_wing(importer, "training") and target == "pipeline":
         return f"{where}: training/ never imports the pipeline"
     if importer.startswith(target + ".") or (target == "" and importer):

@@ -1,8 +1,10 @@
 """Training with Lightning: ``fit(config)`` trains the stage ``train.stage`` names.
 
 In import order: ``resilience`` (atomic checkpoints, exact resume, NaN guard),
-``systems`` (one LightningModule per stage), ``datamodule`` (the data of each
-stage), ``fit`` (the trainer and the three stages). Nothing here imports the
+``sharding`` (the transformer built on the meta device, sharded per layer with
+FSDP2 for ``train.strategy: fsdp``), ``systems`` (one LightningModule per stage),
+``datamodule`` (the data of each stage), ``throughput`` (tokens/s and MFU in the
+log), ``fit`` (the trainer and the three stages). Nothing here imports the
 inference pipeline.
 """
 

@@ -9,7 +9,9 @@ held-out figures to ``train.out_dir/metrics.json``, and exports the model folder
 to ``train.out_dir/model``.
 
 Multi-GPU / multi-node training is Lightning's job: ``train.strategy``,
-``train.devices`` and ``train.num_nodes`` go straight to its ``Trainer``.
+``train.devices`` and ``train.num_nodes`` go straight to its ``Trainer``, except
+``train.strategy: fsdp``, which shards the transformer per layer with FSDP2
+(:mod:`dalle1.training.sharding`).
 """
 
 from __future__ import annotations
@@ -22,27 +24,47 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
 
-from ..checkpoint import ModelFolderError, export_model, load_vae, read_json, save_clip
+from ..checkpoint import (
+    ModelFolderError,
+    export_model,
+    load_tokenizer,
+    load_vae,
+    read_json,
+    save_clip,
+)
 from ..clip import CLIPScorer
-from ..config import Config
+from ..config import Config, TrainConfig
 from ..data import data_format, load_pairs, split_pairs
 from ..data.problems import current_problems, use_problem_log
 from ..data.sources import ensure_dataset
 from ..evaluation import evaluate_dalle, evaluate_vae, retrieval_accuracy
-from ..files import atomic_write, remove_stale_temporaries
+from ..files import atomic_write, recover_folder, remove_stale_temporaries
 from ..text import TextTokenizer
 from ..transformer import StreamShape
 from .datamodule import CodesDataModule, ImagesDataModule
-from .resilience import AtomicCheckpointIO, DataReportCallback, ResumeStateCallback
+from .resilience import (
+    AtomicCheckpointIO,
+    DataReportCallback,
+    HistoryCSVLogger,
+    LogHistoryCallback,
+    ResumeStateCallback,
+    check_trainer_settings,
+    check_training_result,
+    is_primary_process,
+    prepare_out_dir,
+)
+from .sharding import ShardedDataParallel, gathered_model
 from .systems import CLIPModule, DALLEModule, VAEModule
+from .throughput import ThroughputCallback
 
 # Lightning 2.6 warns about its own use of torch's pytree API on every run; not ours to fix.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
-def fit(config: Config, resume: bool = False, callbacks: list | None = None) -> Path:
+def fit(
+    config: Config, resume: bool = False, callbacks: list | None = None, overwrite: bool = False
+) -> Path:
     """Train the stage ``config.train.stage`` names; returns the exported model folder.
 
     ``data.format`` (or what ``data.path`` looks like) picks the reader: a folder
@@ -50,15 +72,21 @@ def fit(config: Config, resume: bool = False, callbacks: list | None = None) -> 
     VAE stage reads them directly, split across ranks; the transformer stage
     encodes them once, or reads ``data.codes`` from ``dalle1 data encode``).
     ``callbacks`` are extra Lightning callbacks for the trainer.
+
+    Checked before any data is read (:mod:`dalle1.training.resilience`): ``out_dir`` is a
+    writable folder, not one holding an earlier run (``resume`` continues that run,
+    ``overwrite`` deletes it first), and Lightning accepts the trainer settings. A run that
+    trains nothing or ends with NaN/Inf weights raises instead of exporting.
     """
     t = config.train
+    out = prepare_out_dir(config, resume, overwrite)
+    check_trainer_settings(config, trainer_strategy(config.train))
     if t.threads:
         torch.set_num_threads(t.threads)
     L.seed_everything(t.seed, workers=True, verbose=False)
-    out = Path(t.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config.save_json(out / "config.json")
     remove_stale_temporaries(out / "checkpoints")  # half-written files of a killed run
+    recover_folder(out / "model")  # and a model export it killed mid-swap
     # files skipped / converted: this run's record, appended to by DataLoader workers too
     (out / "data_problems.jsonl").unlink(missing_ok=True)
     use_problem_log(out / "data_problems.jsonl")
@@ -69,6 +97,11 @@ def fit(config: Config, resume: bool = False, callbacks: list | None = None) -> 
     if fmt != "webdataset" and not (t.stage == "dalle" and config.data.codes):
         pairs = load_pairs(config.data)
         train_pairs, val_pairs = split_pairs(pairs, config.data.val_fraction, config.data.seed)
+        if not train_pairs:
+            raise ValueError(
+                f"data.val_fraction={config.data.val_fraction} holds out all {len(pairs)} "
+                f"pairs of '{config.data.path}': nothing is left to train on"
+            )
     ckpt_path = _resume_path(out) if resume else None
     if t.stage == "vae":
         return _fit_vae(config, out, train_pairs, val_pairs, ckpt_path, callbacks)
@@ -97,6 +130,7 @@ def _fit_vae(config: Config, out: Path, train_pairs, val_pairs, ckpt_path, callb
     trainer = make_trainer(config, out, callbacks)
     data = ImagesDataModule(config, config.vae.image_size, train_pairs, val_pairs)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    check_training_result(trainer, module, "vae")
     vae = module.vae.eval()
     if trainer.is_global_zero:
         _write_metrics(out, evaluate_vae(vae, data.val_set))
@@ -125,9 +159,15 @@ def _fit_dalle(
         tokenizer.vocab_size, tokenizer.text_len, vae.codebook_size, vae.grid_size, tokenizer.bos_id
     )
     module = DALLEModule(config, shape, tokenizer.pad_row())
-    trainer = make_trainer(config, out, callbacks)
+    throughput = ThroughputCallback(config.train.peak_flops, config.train.log_every)
+    trainer = make_trainer(config, out, [throughput, *(callbacks or [])])
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-    dalle = module.dalle.eval()
+    dalle = gathered_model(module.dalle, trainer.global_rank)  # sharded: whole on rank 0 only
+    # sharded, the weights are checked once gathered (rank 0); the other ranks check the steps
+    whole = module if dalle is module.dalle else dalle
+    check_training_result(trainer, whole if whole is not None else torch.nn.Module(), "dalle")
+    if dalle is not None:
+        dalle.eval()
     if trainer.is_global_zero and data.val_codes is not None:
         _write_metrics(out, evaluate_dalle(dalle, tokenizer, data.val_codes, data.val_captions))
     return (
@@ -153,8 +193,12 @@ def fit_clip(config: Config, out: Path, train_pairs: list, val_pairs: list, ckpt
         raise ModelFolderError(
             f"clip.model '{model}' is not a model folder with tokenizer.json and dalle/"
         )
-    text_len = read_json(model / "dalle" / "config.json")["stream"]["text_len"]
-    tokenizer = TextTokenizer.load(model / "tokenizer.json", text_len)
+    stream = read_json(model / "dalle" / "config.json", model).get("stream")
+    if not isinstance(stream, dict) or not isinstance(stream.get("text_len"), int):
+        raise ModelFolderError(
+            f"'{model / 'dalle' / 'config.json'}': missing key 'stream.text_len'"
+        )
+    tokenizer = load_tokenizer(model / "tokenizer.json", stream["text_len"], root=model)
     size = config.clip.image_size or config.data.image_size
     clip = CLIPScorer(
         config.clip, tokenizer.vocab_size, tokenizer.text_len, tokenizer.bpe_vocab_size, size
@@ -164,6 +208,7 @@ def fit_clip(config: Config, out: Path, train_pairs: list, val_pairs: list, ckpt
     # held-out pairs for retrieval; with none held out, all training pairs
     data = ImagesDataModule(config, size, train_pairs, val_pairs, tokenizer, val_stand_in=None)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    check_training_result(trainer, module, "clip")
     clip = module.clip.eval()
     if not trainer.is_global_zero:
         return model
@@ -197,8 +242,10 @@ def _tokenizer(config: Config, out: Path, captions: list[str]) -> TextTokenizer:
     tokenizer = TextTokenizer.train(
         captions, tx.vocab_size, tx.text_len, tx.bpe_dropout, tx.lowercase
     )
-    # a run killed here never leaves half a tokenizer for --resume
-    atomic_write(path, lambda fh: fh.write(tokenizer.tokenizer.to_str(pretty=True).encode()))
+    # the other ranks train the same BPE but leave the file to rank 0: one that runs ahead
+    # (rank 0 still exporting a previous run) would make rank 0 see a used out_dir
+    if is_primary_process():  # a run killed here never leaves half a tokenizer for --resume
+        atomic_write(path, lambda fh: fh.write(tokenizer.tokenizer.to_str(pretty=True).encode()))
     return tokenizer
 
 
@@ -241,7 +288,12 @@ class StepProgressBar(TQDMProgressBar):
 def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.Trainer:
     t = config.train
     ckpt = ModelCheckpoint(
-        dirpath=out / "checkpoints", every_n_train_steps=t.ckpt_every, save_last=True, save_top_k=1
+        dirpath=out / "checkpoints",
+        every_n_train_steps=t.ckpt_every,
+        # a sharded checkpoint is a folder as large as the training state: write it once and
+        # point last.ckpt at it instead of writing it twice
+        save_last="link" if _sharded(t.strategy) else True,
+        save_top_k=1,
     )
     bar = StepProgressBar(f"training {t.stage}")
     return L.Trainer(
@@ -251,15 +303,16 @@ def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=trainer_strategy(t),
         precision=t.precision,
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.grad_clip or None,
         log_every_n_steps=t.log_every,
-        logger=CSVLogger(out, name="logs", version=""),
+        logger=HistoryCSVLogger(out, name="logs", version=""),  # one history across resumes
         callbacks=[
             ckpt,
             ResumeStateCallback(),
+            LogHistoryCallback(),
             DataReportCallback(current_problems()),
             *([bar] if t.progress_bar else []),
             *(callbacks or []),
@@ -269,8 +322,22 @@ def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
         limit_val_batches=0,
+        use_distributed_sampler=False,  # ResumableSampler deals each pass out over the ranks
         num_sanity_val_steps=0,
     )
+
+
+def trainer_strategy(t: TrainConfig):
+    """Lightning's strategy for ``train.strategy``: ``fsdp`` is dalle1's FSDP2 set-up
+    (:class:`~dalle1.training.sharding.ShardedDataParallel`), anything else Lightning's own."""
+    if t.strategy != "fsdp":
+        return t.strategy
+    if t.stage != "dalle":
+        raise ValueError(
+            f"train.strategy=fsdp shards the transformer (train.stage dalle); "
+            f"train stage {t.stage} with train.strategy=ddp"
+        )
+    return ShardedDataParallel()
 
 
 def _sharded(strategy) -> bool:
