@@ -15,7 +15,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from x_transformers.attend import Attend
 
 from ..clip import CLIPScorer
 from ..config import Config, TrainConfig
@@ -138,13 +137,11 @@ def _bf16_on_cpu(module: L.LightningModule) -> bool:
     return module.device.type == "cpu" and "bf16" in str(module.trainer.precision)
 
 
-def set_flash_attention(model: torch.nn.Module, enabled: bool) -> bool:
-    """Switch x-transformers' attention between ``scaled_dot_product_attention`` (flash)
-    and its own matmul + softmax path, for every layer; returns the previous setting."""
-    attends = [m for m in model.modules() if isinstance(m, Attend)]
-    before = all(m.flash for m in attends)
-    for m in attends:
-        m.flash = enabled
+def set_flash_attention(model: DALLE, enabled: bool) -> bool:
+    """Switch the dense layers' training attention between torch's fused
+    ``scaled_dot_product_attention`` and two matrix products with a float32 softmax
+    (:func:`dalle1.transformer.dense_attention`); returns the previous setting."""
+    before, model.flash = model.flash, enabled
     return before
 
 
