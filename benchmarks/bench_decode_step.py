@@ -2,9 +2,9 @@
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_decode_step.py
 
-``DALLE.step`` runs its layers through ``DALLE._decode_layer`` (preallocated key/value
-buffers; a sparse-mask query reads only the keys its mask allows). The reference is
-what the step did before: each x-transformers ``Decoder`` layer called with its cache
+``DALLE.step`` runs its layers through :mod:`dalle1.decoding` (q, k, v in one product,
+preallocated key/value buffers; a sparse-mask query reads only the keys its mask
+allows). The reference is the x-transformers path: each ``Decoder`` layer called with its cache
 (``cache=``, ``return_hiddens=True``) and the mask's row as ``attn_bias``, which
 concatenates the whole cache every step. Both are fed the same prefix; the script
 prints the median time of one step at a few stream positions, and the largest

@@ -21,10 +21,15 @@ Editing is built in: ``keep`` marks codes that must stay equal to ``init_codes``
 the sampler forces them as it passes them, so later codes condition on them exactly
 as if they had been sampled.
 
-Precision: ``autocast=True`` runs the transformer under bfloat16 autocast (the
-default on a CUDA device that supports bf16; off on CPU, where float32 is the
-exact reference). Logits are cast to float32 before guidance, filtering and
-sampling either way.
+Precision: the transformer runs in its weights' own dtype. For bfloat16 decoding,
+cast the model once (``model.to(torch.bfloat16)``, or ``DALLEPipeline.from_pretrained(...,
+dtype=torch.bfloat16)``); nothing is autocast inside the loop (autocast under
+``inference_mode`` re-casts every weight at every step). Logits are cast to float32
+before guidance, filtering and sampling.
+
+Speed: the step is :meth:`DALLE.step` (:mod:`dalle1.decoding`); ``decode=`` picks its
+form (eager, compiled, CUDA graph; default ``$DALLE1_DECODE`` or ``auto``). On a CPU a
+cached loop over fewer than 32 rows runs on one thread (:func:`dalle1.decoding.decode_threads`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from .decoding import decode_threads, intra_op_threads
 from .transformer import DALLE
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
@@ -74,7 +80,12 @@ def pick(logits: torch.Tensor, temperature: float, generators: Generators) -> to
     probs = (logits.float() / temperature).softmax(-1)
     if isinstance(generators, torch.Generator) or generators is None:
         return torch.multinomial(probs, 1, generator=generators).squeeze(-1)
-    return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+    # torch.multinomial's own draw for one sample, argmax(p / q) with q ~ Exp(1), with each
+    # row's q from that row's generator: the codes of a per-row multinomial, in 2 batched ops
+    q = torch.empty_like(probs)
+    for row, g in zip(q, generators):
+        row.exponential_(generator=g)
+    return (probs / q).argmax(-1)
 
 
 @dataclass(frozen=True)
@@ -130,8 +141,8 @@ def next_code(
 
     With guidance the logits hold the conditional rows, then the unconditional ones, and
     are mixed ``uncond + s · (cond − uncond)``, then (``guidance_top_p``) limited to the
-    conditional distribution's nucleus. Everything runs in float32, whatever autocast
-    gave the transformer.
+    conditional distribution's nucleus. Everything runs in float32, whatever the
+    transformer's dtype.
     """
     logits = logits.float()
     if options.guided:
@@ -196,7 +207,7 @@ def sample_codes(
     keep: torch.Tensor | None = None,
     use_cache: bool = True,
     progress: bool = False,
-    autocast: bool | None = None,
+    decode: str | None = None,
 ) -> torch.Tensor:
     """Sample codes (B, N) for captions ``text`` (B, L); rows may hold different captions.
 
@@ -206,7 +217,8 @@ def sample_codes(
                 whatever else is in the batch).
     keep:       bool (B, N); where True the code is forced to ``init_codes``.
     use_cache:  False recomputes the whole stream at every step (tests / benchmarks).
-    autocast:   bf16 autocast for the transformer; None = on for CUDA devices with bf16.
+    decode:     the cached step's form, ``eager | compile | graph | auto``
+                (:func:`dalle1.decoding.decode_mode`; None = ``$DALLE1_DECODE`` or auto).
     """
     options = SamplingOptions(temperature, top_k, top_p, cond_scale, guidance_top_p)
     _check(text, model, options, generators, keep, init_codes)
@@ -214,22 +226,19 @@ def sample_codes(
     if guided and null_text is None:
         raise ValueError("classifier-free guidance needs null_text (the all-pads caption)")
     device = text.device
-    if autocast is None:
-        autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
     B, N = text.shape[0], model.shape.num_codes
 
     def doubled(x: torch.Tensor) -> torch.Tensor:  # the same codes feed both halves of the batch
         return torch.cat([x, x]) if guided else x
 
-    with (
-        torch.inference_mode(),
-        torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(autocast)),
-    ):
-        # 2B rows under guidance: the conditional rows, then the empty caption's
+    # 2B rows under guidance: the conditional rows, then the empty caption's
+    n_rows = 2 * B if guided else B
+    threads = decode_threads(n_rows, device) if use_cache else torch.get_num_threads()
+    with torch.inference_mode(), intra_op_threads(threads):
         rows = torch.cat([text, null_text.to(text).expand_as(text)]) if guided else text
         codes = torch.zeros(B, N, dtype=torch.long, device=device)
         if use_cache:
-            logits, cache = model.prefill(rows)
+            logits, cache = model.prefill(rows, decode=decode)
         for t in tqdm(range(N), desc="sampling", disable=not progress, leave=False):
             if not use_cache:
                 logits = model.next_logits_uncached(rows, doubled(codes[:, :t]))

@@ -20,18 +20,21 @@ embedding). These are absolute, added once at the input, which keeps the
 key/value cache trivially exact: a cached key never depends on how many tokens
 come after it.
 
-Each layer is an x-transformers ``Decoder`` of depth one, so that every layer
-can be given its own DALL-E attention mask (row / column / conv, see
-:mod:`dalle1.masks`) as an additive bias. Training and full recompute run
-x-transformers' forward; decoding with the key/value cache (``prefill`` /
-``step``) runs the same layer arithmetic through :meth:`DALLE._decode_layer`,
-with preallocated key/value buffers and, under a sparse mask, only the keys
-the mask allows (the tests hold it to the x-transformers forward, ≤ 1e-4).
+Each layer holds the parameters of an x-transformers ``Decoder`` of depth one
+(pre-norm attention + feed-forward), and every layer has its own attention kind
+(dense, or DALL-E's row / column / conv masks, see :mod:`dalle1.masks`). The
+layer arithmetic is written out here, twice: :meth:`DALLE._layer` for training
+and full recompute, where a sparse layer runs :func:`dalle1.attention.sparse_attention`
+(blocks of queries against the keys their mask allows, never an (S, S) mask),
+and :mod:`dalle1.decoding` for decoding with the key/value cache (``prefill`` /
+``step``: q, k, v stacked into one product, preallocated key/value buffers, under a
+sparse mask only the keys the mask allows, read in place). The tests hold both to
+x-transformers' own forward with the whole mask as a bias (≤ 1e-5 and ≤ 1e-4).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +43,23 @@ from torch import nn
 from x_transformers import Decoder
 from x_transformers.x_transformers import LayerNorm as XLayerNorm
 
+from . import decoding
+from .attention import BlockPlan, block_plan, sparse_attention
 from .config import DALLEConfig
-from .masks import KINDS, layer_kinds, mask_to_bias, stream_mask
+from .decoding import (
+    DecodeWeights,
+    LayerWeights,
+    Read,
+    StaticReads,
+    StepRunner,
+    decode_layer,
+    decode_mode,
+    input_major,
+    key_reads,
+    static_step,
+    weights_fingerprint,
+)
+from .masks import KINDS, key_table, layer_kinds, mask_to_bias, stream_mask, stream_rows
 
 
 @dataclass
@@ -67,11 +85,66 @@ def _layer_parts(layer: Decoder) -> tuple[nn.Module, nn.Module, nn.Module, nn.Mo
     return attn_block[0][0], attn_block[1], ff_block[0][0], ff_block[1]
 
 
+# (q, k, v) each (B, S, heads, d) and the output projection -> the projected attention
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, nn.Module], torch.Tensor]
+
+
+def _gain(norm: nn.Module) -> torch.Tensor:
+    """The gain an x-transformers ``LayerNorm`` multiplies by: gamma, plus 1 with
+    ``unit_offset`` (its Decoder's default: gamma is stored as the offset from 1)."""
+    return (norm.gamma + float(norm.unit_offset)).detach()
+
+
+def dense_attention(dropout_p: float = 0.0, flash: bool = True) -> Attend:
+    """Plain causal attention over the whole stream (``attention: dense``).
+
+    ``flash``: torch's fused ``scaled_dot_product_attention``; False: the same function as
+    two matrix products and a float32 softmax (faster to train under bf16 autocast on a
+    CPU, whose fused kernel has a slow bf16 backward: docs/benchmarks.md)."""
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, project: nn.Module):
+        b, n, heads, d = q.shape
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, S, d)
+        if flash:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        else:
+            scores = (q @ k.transpose(-1, -2)).float() * d**-0.5
+            causal = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+            probs = scores.masked_fill(causal, float("-inf")).softmax(-1)
+            out = F.dropout(probs, dropout_p, training=dropout_p > 0).to(v.dtype) @ v
+        return project(out.transpose(1, 2).reshape(b, n, heads * d))
+
+    return attend
+
+
+class Layer(Decoder):
+    """One transformer layer: an x-transformers ``Decoder`` of depth one — its parameters,
+    their names (those of saved model folders) and its own forward — with dalle1's
+    forward beside it, whose attention the caller chooses.
+
+    ``layer(x, attend=f)``: pre-norm attention and feed-forward, each with its residual
+    (LayerNorm -> q, k, v -> ``f(q, k, v, to_out)``; LayerNorm -> feed-forward), the same
+    arithmetic as x-transformers'. ``layer(x, **kwargs)`` without ``attend`` is
+    x-transformers' own forward (the tests' reference). Called as a module either way,
+    so FSDP's and activation checkpointing's hooks on the layer see every call.
+    """
+
+    def forward(self, x: torch.Tensor, attend: Attend | None = None, **kwargs) -> torch.Tensor:
+        if attend is None:
+            return super().forward(x, **kwargs)
+        norm, attn, ff_norm, ff = _layer_parts(self)
+        b, n, _ = x.shape
+        h = norm(x)
+        q, k, v = (proj(h).view(b, n, attn.heads, -1) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        x = x + attend(q, k, v, attn.to_out)
+        return x + ff(ff_norm(x))
+
+
 def init_weights(module: nn.Module) -> None:
     """The constructors' own initialisation, again, of ``module`` and everything in it.
 
     For a model materialised with ``to_empty`` (built on the meta device): torch layers'
-    ``reset_parameters`` (and :meth:`DALLE.reset_parameters`, the mask buffers), and
+    ``reset_parameters`` (and :meth:`DALLE.reset_parameters`, the mask tables), and
     x-transformers' LayerNorm gain, which has no such method. Module by module in
     registration order, which is the order the constructors drew their random numbers:
     with the same seed, a materialised model equals one built directly.
@@ -90,19 +163,26 @@ class Cache:
     :meth:`DALLE.prefill` creates it, :meth:`DALLE.step` writes one position into it in place
     and returns it with ``length`` (the stream positions covered) advanced. Because the
     buffers are written in place, a cache is a single line of history: ``clone()`` it to
-    branch two continuations from one prefix.
+    branch two continuations from one prefix. A cache decodes with the weights as they were
+    at ``prefill`` (``weights``), in the step form ``prefill`` chose (``runner``: None for
+    the eager step, else the compiled / CUDA-graph step of :mod:`dalle1.decoding`).
     """
 
     keys: list  # per layer: Tensor (B, heads, capacity, dim_head), allocated on first write
     values: list
     length: int
     capacity: int
+    weights: DecodeWeights | None = None
+    runner: StepRunner | None = None
 
     def clone(self) -> Cache:
         def copy(buffers: list) -> list:
             return [None if t is None else t.clone() for t in buffers]
 
-        return Cache(copy(self.keys), copy(self.values), self.length, self.capacity)
+        runner = None if self.runner is None else self.runner.fresh()
+        return Cache(
+            copy(self.keys), copy(self.values), self.length, self.capacity, self.weights, runner
+        )
 
 
 class DALLE(nn.Module):
@@ -119,17 +199,18 @@ class DALLE(nn.Module):
         (one of ``dense | row | column | conv`` per layer; tests and experiments)."""
         super().__init__()
         self.cfg, self.shape = cfg, shape
-        self._key_counts: dict[str, list[int]] = {}
         dim = cfg.dim
         self.text_emb = nn.Embedding(shape.text_vocab, dim)
         self.image_emb = nn.Embedding(shape.image_vocab, dim)
         self.text_pos = nn.Embedding(shape.text_len + 1, dim)  # <bos> + L slots
         self.row_pos = nn.Embedding(shape.grid, dim)
         self.col_pos = nn.Embedding(shape.grid, dim)
-        # _decode_layer re-implements these layers for cached decoding: a new Decoder
-        # option must be mirrored there (the cached == recompute tests will say so).
+        # These Decoders hold each layer's parameters (their names are the model folder's);
+        # _layer (full forward) and dalle1/decoding.py (cached decoding) run their
+        # arithmetic, so a new Decoder option must be mirrored there (tests/test_transformer.py
+        # holds both to x-transformers' own forward).
         self.layers = nn.ModuleList(
-            Decoder(
+            Layer(
                 dim=dim,
                 depth=1,
                 heads=cfg.heads,
@@ -148,29 +229,23 @@ class DALLE(nn.Module):
         self.kinds = list(kinds) if kinds is not None else layer_kinds(cfg.depth, cfg.attention)
         if len(self.kinds) != cfg.depth or not set(self.kinds) <= set(KINDS):
             raise ValueError(f"kinds must name one of {KINDS} per layer ({cfg.depth}): {kinds}")
-        self.reset_parameters()
+        # Mask-derived tables (block plans, decode key lists) are built on first use, on
+        # the device of the input, and kept here: none is a buffer, so construction on
+        # the meta device touches no mask, and the state dict holds parameters only.
+        self._tables: dict[tuple, object] = {}
+        self.flash = True  # dense training layers: fused attention kernel (dense_attention)
+        # decoding's derived state, built on first use (plain attributes: never saved)
+        self._reads: dict[tuple, list[Read]] = {}  # (kind, device) -> per stream position
+        self._static_reads: dict[tuple, StaticReads] = {}  # (kind, device, dtype) -> padded
+        self._decode_weights: tuple[tuple, DecodeWeights] | None = None  # (fingerprint, weights)
+        self._compiled_step = None  # torch.compile(static_step), shared by this model's caches
 
     def reset_parameters(self) -> None:
-        """(Re)compute the mask-derived buffers: the model's own state that is not a parameter.
-
-        They are made on the CPU whatever the default device (building on the meta device
-        must not need ``.item()`` of a meta tensor), then placed where the model's other
-        buffers already are: so after ``to_empty(device=...)`` this restores them exactly.
-        Parameters are left to the sub-modules (:func:`init_weights`).
-        """
-        device = next(self.buffers(recurse=False), self.norm.weight).device
-        device = torch.device("cpu") if device.type == "meta" else device
-        for kind in sorted(set(self.kinds) - {"dense"}):
-            with torch.device("cpu"):
-                mask = stream_mask(kind, self.shape.text_len, self.shape.grid, self.cfg.conv_kernel)
-                # row p: the key positions query p may attend, ascending, then padding
-                keys = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)
-                counts = mask.sum(1)
-                bias = mask_to_bias(mask)
-            buffers = {"bias": bias, "mask": mask, "keys": keys[:, : int(counts.max())]}
-            for name, value in buffers.items():
-                self.register_buffer(f"{name}_{kind}", value.to(device), persistent=False)
-            self._key_counts[kind] = counts.tolist()
+        """The model's own state that is not a parameter: the mask-derived tables, which
+        are dropped here and rebuilt on first use (so nothing needs restoring after
+        ``to_empty``). Parameters are left to the sub-modules (:func:`init_weights`)."""
+        self._tables = {}
+        self._reads, self._static_reads, self._decode_weights = {}, {}, None
 
     # --- the stream -------------------------------------------------------------------
 
@@ -188,87 +263,197 @@ class DALLE(nn.Module):
         grid = self.shape.grid
         return self.image_emb(codes) + self.row_pos(index // grid) + self.col_pos(index % grid)
 
+    # --- the masks, as the layers use them ------------------------------------------
+
+    def _table(self, what: str, kind: str, device: torch.device, build):
+        """A mask-derived table, built once per (kind, device) on first use."""
+        key = (what, kind, device)
+        if key not in self._tables:
+            self._tables[key] = build()
+        return self._tables[key]
+
+    def block_plan(self, kind: str, device: torch.device) -> BlockPlan:
+        """How the full forward cuts a sparse layer into blocks (:mod:`dalle1.attention`)."""
+        s = self.shape
+        return self._table(
+            "plan",
+            kind,
+            device,
+            lambda: block_plan(kind, s.text_len + 1, s.grid, self.cfg.conv_kernel, device),
+        )
+
+    def key_table(self, kind: str, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+        """For decoding under a sparse kind: query position ``p`` may attend exactly the key
+        positions ``index[p, :count[p]]`` (ascending), see :func:`dalle1.masks.key_table`."""
+
+        def build():
+            s = self.shape
+            index, count = key_table(kind, s.text_len, s.grid, self.cfg.conv_kernel, device)
+            return index, count.tolist()
+
+        return self._table("keys", kind, device, build)
+
+    def attn_mask(self, kind: str, start: int, stop: int) -> torch.Tensor:
+        """Boolean rows of the stream mask for queries start … stop-1 against keys 0 … stop-1."""
+        s = self.shape
+        device = self.norm.weight.device
+        return stream_rows(kind, s.text_len, s.grid, start, stop, self.cfg.conv_kernel, device)
+
     def attn_bias(self, kind: str, start: int, stop: int) -> torch.Tensor | None:
-        """Bias rows for query positions start … stop-1 against keys 0 … stop-1."""
+        """The same rows as an additive bias (B, H broadcast), for x-transformers' own forward;
+        ``None`` for dense (x-transformers' causal mask)."""
         if kind == "dense":
-            return None  # plain causal attention: x-transformers' own causal mask
-        return getattr(self, f"bias_{kind}")[start:stop, :stop][None, None]
+            return None
+        return mask_to_bias(self.attn_mask(kind, start, stop))[None, None]
+
+    # --- the layers -------------------------------------------------------------------
 
     def run_layers(
         self, x: torch.Tensor, cache: Cache | None = None
     ) -> tuple[torch.Tensor, Cache | None]:
         """Send stream positions [start, start + n) through the layers; start = cached length.
 
-        Without a cache this is the x-transformers forward (training, full recompute). With
-        one, it is the decoding path of :meth:`_decode_layer`, which writes into the cache.
+        Without a cache this is the full forward (training, full recompute) of
+        :meth:`_layer`, and the result is normed. With one, it is :meth:`decode_layers`
+        (before the final norm, which :func:`dalle1.decoding.logits` applies with the head).
         """
         if cache is not None:
-            start, stop = cache.length, cache.length + x.shape[1]
-            if stop > cache.capacity:
-                raise ValueError(f"cache holds {cache.capacity} positions; asked for {stop}")
-            for i, kind in enumerate(self.kinds):
-                x = self._decode_layer(i, kind, x, cache, start)
-            return self.norm(x), Cache(cache.keys, cache.values, stop, cache.capacity)
-        for layer, kind in zip(self.layers, self.kinds):
-            bias = self.attn_bias(kind, 0, x.shape[1])
-            x = layer(x, attn_bias=None if bias is None else bias.to(x.dtype))
+            return self.decode_layers(x, cache)
+        for i, kind in enumerate(self.kinds):
+            x = self._layer(i, kind, x)
         return self.norm(x), None
 
-    def _decode_layer(
-        self, i: int, kind: str, x: torch.Tensor, cache: Cache, start: int
-    ) -> torch.Tensor:
-        """One pre-norm layer for new positions [start, start + n), reading/writing the cache.
-
-        The same arithmetic as the x-transformers ``Decoder`` layer built in ``__init__``
-        (LayerNorm -> q, k, v -> softmax(q k^T / sqrt(d)) v -> out, residual; LayerNorm ->
-        feed-forward, residual), written out because its generic forward costs more Python
-        time per decoded token than the maths itself on a small model, and because it
-        concatenates the whole cache at every step. Two shortcuts, both exact:
-
-        * keys and values go into preallocated buffers (no concatenation);
-        * a single query under a sparse DALL-E mask (row / column / conv) attends only
-          the key positions its mask allows (about L + grid of them, not all L + N):
-          a masked key contributes exp(-inf) = 0 to the softmax, so dropping it changes
-          nothing but the work. tests/test_transformer.py checks this path against the
-          x-transformers forward.
-        """
-        norm, attn, ff_norm, ff = _layer_parts(self.layers[i])
-        b, n, _ = x.shape
-        stop = start + n
-        h = norm(x)
-        q, k, v = (
-            proj(h).view(b, n, attn.heads, -1).transpose(1, 2)
-            for proj in (attn.to_q, attn.to_k, attn.to_v)
-        )
-        if cache.keys[i] is None:  # first write: allocate with the dtype autocast gave k, v
-            cache.keys[i] = k.new_empty(b, attn.heads, cache.capacity, k.shape[-1])
-            cache.values[i] = v.new_empty(b, attn.heads, cache.capacity, v.shape[-1])
-        keys, values = cache.keys[i], cache.values[i]
-        keys[:, :, start:stop] = k
-        values[:, :, start:stop] = v
-        mask = None
-        if n == 1 and kind != "dense":
-            index = getattr(self, f"keys_{kind}")[start, : self._key_counts[kind][start]]
-            keys, values = keys.index_select(2, index), values.index_select(2, index)
-        else:
-            keys, values = keys[:, :, :stop], values[:, :, :stop]
-            if n > 1:
-                mask = self.attn_mask(kind, start, stop)
-        out = F.scaled_dot_product_attention(
-            q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask
-        )
-        x = x + attn.to_out(out.transpose(1, 2).reshape(b, n, -1))
-        return x + ff(ff_norm(x))
-
-    def attn_mask(self, kind: str, start: int, stop: int) -> torch.Tensor:
-        """Boolean rows of the stream mask for queries start … stop-1 against keys 0 … stop-1."""
+    def _layer(self, i: int, kind: str, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``i`` over the whole stream (x: (B, S, dim) from position 0): causal
+        ``scaled_dot_product_attention`` for dense, :func:`dalle1.attention.sparse_attention`
+        (blocks whose cost follows the keys the mask allows) for row / column / conv."""
+        dropout = self.cfg.dropout if self.training else 0.0
         if kind == "dense":
-            device = self.norm.weight.device
-            return (
-                torch.arange(stop, device=device)
-                <= torch.arange(start, stop, device=device)[:, None]
+            attend = dense_attention(dropout, flash=self.flash)
+        else:
+            plan = self.block_plan(kind, x.device)
+
+            def attend(q, k, v, project):
+                return sparse_attention(q, k, v, plan, dropout, project=project)
+
+        return self.layers[i](x, attend=attend)
+
+    def decode_layers(self, x: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
+        """The cached path: positions [length, length + n) through every layer with
+        :func:`dalle1.decoding.decode_layer`, their keys and values written into ``cache``.
+        Returns the hidden states before the final norm, and the cache advanced by n."""
+        start, stop = cache.length, cache.length + x.shape[1]
+        if stop > cache.capacity:
+            raise ValueError(f"cache holds {cache.capacity} positions; asked for {stop}")
+        w = cache.weights or self.decode_weights()
+        for i, (lw, kind) in enumerate(zip(w.layers, self.kinds)):
+            if cache.keys[i] is None:  # first write: zeros (a static step reads them, masked)
+                b, heads, dim_head = x.shape[0], w.heads, lw.qkv.shape[1] // (3 * w.heads)
+                shape = (b, heads, cache.capacity, dim_head)
+                cache.keys[i] = x.new_zeros(shape)
+                cache.values[i] = x.new_zeros(shape)
+            if x.shape[1] == 1:
+                read = self.key_reads(kind)[start]
+            elif start == 0 and (kind == "dense" or stop <= self.shape.text_len + 1):
+                read = None  # causal from position 0 (text attends text causally in every kind)
+            else:
+                read = self.attn_mask(kind, start, stop)
+            x = decode_layer(x, lw, w.heads, cache.keys[i], cache.values[i], start, read)
+        return x, Cache(cache.keys, cache.values, stop, cache.capacity, w, cache.runner)
+
+    # --- decoding's view of the model (dalle1/decoding.py) ------------------------------
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()`` / ``.cuda()`` / ``.half()`` replace the weights: drop what decoding derived
+        from the old ones (it would keep them alive)."""
+        self._decode_weights = None
+        self._reads.clear()
+        self._static_reads.clear()
+        return super()._apply(fn, recurse)
+
+    def decode_weights(self) -> DecodeWeights:
+        """The weights one decode step reads, q/k/v stacked; rebuilt when a weight changes."""
+        key = weights_fingerprint(list(self.parameters()))
+        if self._decode_weights is None or self._decode_weights[0] != key:
+            layers = [
+                LayerWeights(
+                    norm=_gain(norm),
+                    qkv=input_major(
+                        torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
+                    ),
+                    out=input_major(attn.to_out.weight),
+                    ff_norm=_gain(ff_norm),
+                    ff_in=input_major(ff.ff[0][0].weight),
+                    ff_in_bias=ff.ff[0][0].bias.detach(),
+                    ff_out=input_major(ff.ff[2].weight),
+                    ff_out_bias=ff.ff[2].bias.detach(),
+                )
+                for norm, attn, ff_norm, ff in map(_layer_parts, self.layers)
+            ]
+            weights = DecodeWeights(
+                layers,
+                self.norm.weight.detach(),
+                self.norm.bias.detach(),
+                input_major(self.to_image_logits.weight),
+                self.to_image_logits.bias.detach(),
+                self.image_emb.weight.detach(),
+                self.row_pos.weight.detach(),
+                self.col_pos.weight.detach(),
+                heads=self.cfg.heads,
+                grid=self.shape.grid,
+                n_text=self.shape.text_len + 1,
             )
-        return getattr(self, f"mask_{kind}")[start:stop, :stop]
+            self._decode_weights = (key, weights)
+        return self._decode_weights[1]
+
+    def allowed_keys(self, kind: str) -> torch.Tensor:
+        """The boolean stream mask of ``kind`` (S, S), on the CPU: what decoding may read."""
+        s = self.shape
+        with torch.device("cpu"):  # whatever the default device (the meta device included)
+            return stream_mask(kind, s.text_len, s.grid, self.cfg.conv_kernel)
+
+    def key_reads(self, kind: str) -> list[Read]:
+        """Per stream position, how one decoded query reads its keys under ``kind``
+        (:func:`dalle1.decoding.key_reads`); built once per kind and device."""
+        device = self.norm.weight.device
+        if (kind, device) not in self._reads:
+            if kind == "dense":  # causal: one run, the whole prefix
+                S = self.shape.text_len + self.shape.num_codes
+                reads: list[Read] = [(slice(0, p + 1, 1),) for p in range(S)]
+            else:
+                reads = key_reads(self.allowed_keys(kind))
+            self._reads[(kind, device)] = [
+                r.to(device) if isinstance(r, torch.Tensor) else r for r in reads
+            ]
+        return self._reads[(kind, device)]
+
+    def static_reads(self, dtype: torch.dtype) -> list[StaticReads | None]:
+        """Per layer, the padded reads of :func:`dalle1.decoding.static_step` (None: dense)."""
+        device = self.norm.weight.device
+        out: list[StaticReads | None] = []
+        for kind in self.kinds:
+            if kind == "dense":
+                out.append(None)
+                continue
+            key = (kind, device, dtype)
+            if key not in self._static_reads:
+                reads = StaticReads.from_mask(self.allowed_keys(kind))
+                self._static_reads[key] = reads.to(device, dtype)
+            out.append(self._static_reads[key])
+        return out
+
+    def _runner(self, mode: str | None, device: torch.device) -> StepRunner | None:
+        """The compiled / CUDA-graph step for a new cache, or None for the eager step."""
+        mode = decode_mode(mode, device)
+        if mode == "eager":
+            return None
+        if mode == "compile" and self._compiled_step is None:
+            try:
+                self._compiled_step = torch.compile(static_step, dynamic=False, fullgraph=True)
+            except Exception as error:  # torch.compile unsupported here
+                StepRunner(mode).fail(error)
+                return None
+        return StepRunner(mode, self._compiled_step if mode == "compile" else None)
 
     # --- training ---------------------------------------------------------------------
 
@@ -295,27 +480,45 @@ class DALLE(nn.Module):
 
     # --- inference --------------------------------------------------------------------
 
-    def prefill(self, text: torch.Tensor) -> tuple[torch.Tensor, Cache]:
-        """Read the caption in one pass: -> (logits for the first code (B, Vi), cache)."""
+    def prefill(self, text: torch.Tensor, decode: str | None = None) -> tuple[torch.Tensor, Cache]:
+        """Read the caption in one pass: -> (logits for the first code (B, Vi), cache).
+
+        ``decode``: the step form the cache's steps use (:func:`dalle1.decoding.decode_mode`:
+        ``eager | compile | graph | auto``; None = ``$DALLE1_DECODE`` or ``auto``).
+        """
         capacity = self.shape.text_len + self.shape.num_codes  # the whole input stream
-        empty = Cache([None] * len(self.layers), [None] * len(self.layers), 0, capacity)
-        h, cache = self.run_layers(self.embed_text(text), empty)
-        return self.to_image_logits(h[:, -1]), cache
+        depth = len(self.layers)
+        runner = self._runner(decode, text.device)
+        empty = Cache([None] * depth, [None] * depth, 0, capacity, self.decode_weights(), runner)
+        h, cache = self.decode_layers(self.embed_text(text), empty)
+        return decoding.logits(cache.weights, h[:, -1]), cache
 
     def step(self, code: torch.Tensor, index: int, cache: Cache) -> tuple[torch.Tensor, Cache]:
         """Feed code number ``index`` (B,) -> (logits for code index + 1 (B, Vi), cache).
 
         The cache is written in place (see :class:`Cache`).
         """
+        n_text = self.shape.text_len + 1
+        if cache.length != n_text + index:  # the eager step writes at length, a static one at index
+            raise ValueError(
+                f"cache holds {cache.length} positions, but code {index} is fed at stream "
+                f"position {n_text + index}"
+            )
+        w = cache.weights or self.decode_weights()
+        if cache.runner is not None and None not in cache.keys:
+            at = torch.tensor([index], device=code.device)
+            out = cache.runner(
+                w, cache.keys, cache.values, self.static_reads(w.head_weight.dtype), code, at
+            )
+            if out is not None:  # None: the compile / capture failed, decode eagerly
+                return out, Cache(
+                    cache.keys, cache.values, cache.length + 1, cache.capacity, w, cache.runner
+                )
         grid = self.shape.grid
         # same sum, in the same order, as embed_codes (image + row + column)
-        x = (
-            self.image_emb(code)
-            + self.row_pos.weight[index // grid]
-            + self.col_pos.weight[index % grid]
-        )
-        h, cache = self.run_layers(x[:, None], cache)
-        return self.to_image_logits(h[:, -1]), cache
+        x = F.embedding(code, w.image_emb) + w.row_pos[index // grid] + w.col_pos[index % grid]
+        h, cache = self.decode_layers(x[:, None], cache)
+        return decoding.logits(w, h[:, -1]), cache
 
     def next_logits_uncached(self, text: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
         """Full recompute: logits for code ``prefix.shape[1]`` given the caption and the codes before it."""

@@ -3,7 +3,8 @@
 The order is also the reading order (README, docs/tour.md):
 
     ground floor   files, config, images
-    the paper      text, vae, masks, transformer, sampling, clip, editing, rerank
+    the paper      text, vae, masks, attention, decoding, transformer, sampling, clip, editing,
+                   rerank
     data/          imports the ground floor only
     assembly       checkpoint, codes, evaluation, planning, pipeline
     training/      never the pipeline
@@ -34,6 +35,8 @@ ORDER: dict[str, tuple[int, ...]] = {
     "text": (4,),
     "vae": (5,),
     "masks": (6,),
+    "attention": (6, 5),
+    "decoding": (6, 6),  # the cached decode step, over the weights transformer hands it
     "transformer": (7,),
     "sampling": (8,),
     "clip": (9,),

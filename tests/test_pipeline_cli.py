@@ -54,6 +54,20 @@ def test_output_pixels_are_exactly_the_images(tiny_model):
     assert torch.equal(bare("a red circle", seed=1).codes, pipe("a red circle", seed=1).codes)
 
 
+def test_a_bf16_pipeline_casts_the_transformer_once_and_samples(tiny_model):
+    fp32 = DALLEPipeline.from_pretrained(tiny_model)
+    pipe = DALLEPipeline.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in pipe.dalle.parameters())
+    assert all(p.dtype == torch.float32 for p in pipe.vae.parameters())  # per image: float32
+    out = pipe(["a red circle", "a blue square"], num_images=2, seed=3, cond_scale=2.0)
+    assert out.codes.shape == (4, 16) and out.pixels.dtype == torch.float32
+    # greedy codes in bf16 against float32: the first code of each row, and most codes, agree
+    a = fp32(["a red circle", "a blue square"], num_images=2, temperature=0).codes
+    b = pipe(["a red circle", "a blue square"], num_images=2, temperature=0).codes
+    assert torch.equal(a[:, 0], b[:, 0]) and (a == b).float().mean() >= 0.75
+    assert pipe.to(torch.float32) is pipe and pipe.dalle.norm.weight.dtype == torch.float32
+
+
 def test_mismatched_parts_name_both_numbers(tiny_model, tmp_path):
     broken = shutil.copytree(tiny_model, tmp_path / "broken")
     cfg = json.loads((broken / "vae/config.json").read_text())

@@ -1,4 +1,4 @@
-"""The sampler: cache exactness, filters over the image vocabulary, seeds, batches, autocast."""
+"""The sampler: cache exactness, filters over the image vocabulary, seeds, batches, bf16."""
 
 import pytest
 import torch
@@ -129,17 +129,31 @@ def test_returned_codes_are_an_ordinary_tensor(m):
     assert not out.is_inference()
 
 
-def test_bf16_autocast_runs_and_mostly_agrees_with_float32():
-    model = make("dalle")
-    t = text(4)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        _, cache = model.prefill(t)
-    assert cache.keys[0].dtype == torch.bfloat16  # autocast reached the attention
-    fp32 = sample_codes(model, t, temperature=0)
-    bf16 = sample_codes(model, t, temperature=0, autocast=True)
-    assert bf16.dtype == torch.long and bf16.shape == fp32.shape
-    assert bf16.min() >= 0 and bf16.max() < 24
-    assert (bf16[:, :3] == fp32[:, :3]).float().mean() >= 0.75  # early codes: small drift only
+def test_bf16_weights_decode_in_bf16_without_autocast_and_mostly_agree(monkeypatch):
+    # Inference in the weights' own dtype: cast once, then nothing is autocast in the loop.
+    fp32 = make("dalle")
+    bf16 = make("dalle").to(torch.bfloat16)
+    t = text(8)
+    seen = []
+    step = DALLE.step
+
+    def watched(self, *args, **kwargs):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda")))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(DALLE, "step", watched)
+    with torch.no_grad():
+        _, cache = bf16.prefill(t)
+    assert cache.keys[0].dtype == torch.bfloat16  # the cache is in the weights' dtype
+    a = sample_codes(fp32, t, temperature=0)
+    b = sample_codes(bf16, t, temperature=0)
+    assert len(seen) == 2 * 15 and not any(any(s) for s in seen)  # no autocast, ever
+    assert b.dtype == torch.long and b.shape == a.shape and 0 <= b.min() and b.max() < 24
+    # Tolerance (measured on this model: 8 rows x 16 greedy codes): the first code of every
+    # row agrees, and >= 3/4 of all codes; a greedy argmax flips where two logits lie
+    # within bf16's ~3 significant digits, and a flip changes the rest of its row.
+    assert torch.equal(a[:, 0], b[:, 0])
+    assert (a == b).float().mean() >= 0.75
 
 
 def test_mistakes_raise_one_line_errors(m):

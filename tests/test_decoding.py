@@ -1,0 +1,218 @@
+"""The cached decode step: key reads, the static (compiled / captured) form, the fallback."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dalle1.config import DALLEConfig
+from dalle1.decoding import (
+    SERIAL_ROWS,
+    StepRunner,
+    attend,
+    decode_mode,
+    decode_threads,
+    intra_op_threads,
+    key_reads,
+    runs,
+    static_step,
+)
+from dalle1.masks import stream_mask
+from dalle1.sampling import pick, sample_codes
+from dalle1.transformer import DALLE, StreamShape
+
+SHAPE = StreamShape(text_vocab=40, text_len=5, image_vocab=24, grid=4, bos_id=1)
+ALL_KINDS = ["dense", "row", "column", "conv"]
+
+
+def make(kinds=None, attention="dense", seed=0) -> DALLE:
+    torch.manual_seed(seed)
+    depth = len(kinds) if kinds else 3
+    cfg = DALLEConfig(dim=32, depth=depth, heads=2, dim_head=16, attention=attention, conv_kernel=3)
+    return DALLE(cfg, SHAPE, kinds=kinds).eval()
+
+
+def text(b=2, seed=2):
+    return torch.randint(2, 35, (b, 5), generator=torch.Generator().manual_seed(seed))
+
+
+def test_runs_are_the_fewest_greedy_arithmetic_progressions():
+    assert runs([0, 1, 2, 3, 7, 8, 9]) == [slice(0, 4, 1), slice(7, 10, 1)]
+    assert runs([0, 1, 2, 5, 9, 13]) == [slice(0, 3, 1), slice(5, 14, 4)]
+    assert runs([4]) == [slice(4, 5, 1)]
+    assert runs([]) == []
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_key_reads_name_exactly_the_allowed_keys(kind):
+    mask = stream_mask(kind, 5, 6, conv_kernel=3)
+    reads = key_reads(mask)
+    for p, read in enumerate(reads):
+        if isinstance(read, torch.Tensor):
+            got = read.tolist()
+        else:
+            got = [i for s in read for i in range(s.start, s.stop, s.step)]
+        assert got == mask[p].nonzero().flatten().tolist()
+    if kind != "conv":  # the text and one window: views of the cache, never a gather
+        assert all(isinstance(r, tuple) and len(r) <= 2 for r in reads)
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_attend_over_views_equals_masked_attention(kind):
+    g = torch.Generator().manual_seed(0)
+    mask = stream_mask(kind, 5, 6, conv_kernel=3)
+    S = mask.shape[0]
+    keys, values = torch.randn(2, 3, S, 8, generator=g), torch.randn(2, 3, S, 8, generator=g)
+    for p, read in enumerate(key_reads(mask)):
+        q = torch.randn(2, 3, 1, 8, generator=g)
+        expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[p][None])
+        assert (attend(q, keys, values, read) - expected).abs().max() <= 1e-5
+
+
+def steps(model, t, codes, runner=None):
+    """Logits of prefill and every cached step, optionally through a StepRunner."""
+    with torch.inference_mode():
+        logits, cache = model.prefill(t, decode="eager")
+        cache.runner = runner
+        out = [logits]
+        for i in range(codes.shape[1] - 1):
+            logits, cache = model.step(codes[:, i], i, cache)
+            out.append(logits)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize(
+    "kinds", [["dense"] * 2, ["row", "column", "conv"], ALL_KINDS], ids=["dense", "dalle", "mixed"]
+)
+def test_static_step_equals_the_eager_step_and_full_recompute(kinds):
+    # static_step is what torch.compile compiles and a CUDA graph captures; run it eagerly
+    m = make(kinds)
+    t = text(3)
+    codes = torch.randint(0, 24, (3, 16), generator=torch.Generator().manual_seed(1))
+    eager = steps(m, t, codes)
+    static = steps(m, t, codes, StepRunner("compile", static_step))
+    with torch.no_grad():
+        _, full = m(t, codes)
+    assert (static - eager).abs().max() <= 1e-5
+    assert (static - full).abs().max() <= 1e-4
+
+
+def test_compiled_step_equals_eager_logits_and_greedy_codes():
+    # one torch.compile (inductor) of the static step, for a model with every mask kind
+    m = make(ALL_KINDS)
+    t = text(2)
+    codes = torch.randint(0, 24, (2, 16), generator=torch.Generator().manual_seed(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
+        with torch.inference_mode():
+            _, cache = m.prefill(t, decode="compile")
+        runner = cache.runner
+        compiled = steps(m, t, codes, runner)
+        greedy = sample_codes(m, t, temperature=0, decode="compile")
+    assert runner is not None and runner.mode == "compile" and not runner.failed
+    assert (compiled - steps(m, t, codes)).abs().max() <= 1e-4
+    assert torch.equal(greedy, sample_codes(m, t, temperature=0, decode="eager"))
+
+
+@pytest.mark.parametrize("where", ["compiling", "calling"])
+def test_a_failing_compile_falls_back_to_the_eager_step(monkeypatch, where):
+    def broken_compile(fn, **kwargs):
+        if where == "compiling":
+            raise RuntimeError("torch.compile is not supported here")
+
+        def run(*args):
+            raise RuntimeError("no C++ compiler found")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    m = make(attention="dalle")
+    t = text(2)
+    expected = sample_codes(
+        m, t, top_k=8, generators=[torch.Generator().manual_seed(s) for s in (1, 2)]
+    )
+    with pytest.warns(RuntimeWarning, match="decoding eagerly"):
+        got = sample_codes(
+            m,
+            t,
+            top_k=8,
+            generators=[torch.Generator().manual_seed(s) for s in (1, 2)],
+            decode="compile",
+        )
+    assert torch.equal(got, expected)
+
+
+def test_decode_mode_follows_the_argument_then_the_environment(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("DALLE1_DECODE", raising=False)
+    assert decode_mode(None, cpu) == "eager" and decode_mode(None, cuda) == "graph"
+    assert decode_mode("graph", cpu) == "compile"  # no CUDA graphs without CUDA
+    monkeypatch.setenv("DALLE1_DECODE", "compile")
+    assert decode_mode(None, cpu) == "compile" and decode_mode("eager", cuda) == "eager"
+    monkeypatch.setenv("DALLE1_DECODE", "eager")
+    assert decode_mode(None, cuda) == "eager"  # the switch that turns compiling off
+    with pytest.raises(ValueError, match="decode mode must be one of"):
+        decode_mode("fast", cpu)
+
+
+def test_small_cpu_batches_decode_on_one_thread_and_the_setting_comes_back(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    before = torch.get_num_threads()
+    assert decode_threads(1, cpu) == decode_threads(SERIAL_ROWS - 1, cpu) == 1
+    assert decode_threads(SERIAL_ROWS, cpu) == decode_threads(1, cuda) == before
+    m, t = make(ALL_KINDS), text(3)
+    seen = []
+    step = m.step
+
+    def recording_step(*args):
+        seen.append(torch.get_num_threads())
+        return step(*args)
+
+    monkeypatch.setattr(m, "step", recording_step)
+    cached = sample_codes(m, t, temperature=0)
+    assert seen == [1] * (SHAPE.num_codes - 1) and torch.get_num_threads() == before
+    assert torch.equal(cached, sample_codes(m, t, temperature=0, use_cache=False))
+    with pytest.raises(RuntimeError), intra_op_threads(1):
+        raise RuntimeError  # an error inside still restores the count
+    assert torch.get_num_threads() == before
+
+
+def test_decoding_sees_weights_updated_in_place():
+    # the stacked q/k/v are rebuilt when a weight changes (e.g. sampling between updates)
+    m = make(attention="dalle")
+    t = text(2)
+    codes = torch.randint(0, 24, (2, 16), generator=torch.Generator().manual_seed(1))
+    before = steps(m, t, codes)
+    with torch.no_grad():
+        m.layers[1].layers[0][1].to_k.weight.mul_(1.5)  # in place, as an optimizer step does
+        _, full = m(t, codes)
+    after = steps(m, t, codes)
+    assert not torch.allclose(before, after)
+    assert (after - full).abs().max() <= 1e-4
+
+
+def test_moving_the_model_rebuilds_the_decode_weights():
+    m = make(attention="dalle")
+    t = text(2)
+    a = sample_codes(m, t, temperature=0)
+    m.to(torch.float64)
+    assert m.decode_weights().layers[0].qkv.dtype == torch.float64
+    b = sample_codes(m, t, temperature=0)
+    assert torch.equal(a, b)
+
+
+def test_per_row_draws_equal_a_per_row_multinomial():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        logits = torch.randn(5, 64, generator=g) * 3
+        probs = logits.softmax(-1)
+        seeds = torch.randint(0, 2**31, (5,), generator=g).tolist()
+        expected = torch.cat(
+            [
+                torch.multinomial(p, 1, generator=torch.Generator().manual_seed(s))
+                for p, s in zip(probs, seeds)
+            ]
+        )
+        got = pick(logits, 1.0, [torch.Generator().manual_seed(s) for s in seeds])
+        assert torch.equal(got, expected)
