@@ -1,7 +1,7 @@
 """Configuration as plain dataclasses, one per section of a YAML file.
 
-A config file has the sections ``data``, ``text``, ``vae``, ``dalle``, ``clip``
-and ``train``; ``train.stage`` says which model the file trains. Every number
+A config file has the sections ``data``, ``text``, ``vae``, ``dalle``, ``clip``,
+``train`` and ``sample``; ``train.stage`` says which model the file trains. Every number
 the paper fixes has a named field here, with the paper's value in the comment
 of ``configs/paper_*.yaml``.
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -43,8 +44,10 @@ class DataConfig:
 
 @dataclass
 class TextConfig:
-    vocab_size: int = 512  # BPE vocabulary, special tokens included (paper: 16384)
-    text_len: int = 16  # text positions in the stream (paper: 256)
+    vocab_size: int = 512  # BPE vocabulary cap, special tokens included (paper: 16384)
+    # text positions in the stream (paper: 256); "auto" sizes them from the training captions
+    # (the 99th percentile of their token counts plus a margin, see dalle1.text.auto_text_len)
+    text_len: int | str = 16
     bpe_dropout: float = 0.0  # paper: 0.1 during training
     lowercase: bool = True  # paper: captions are lowercased
 
@@ -126,10 +129,35 @@ class TrainConfig:
     accumulate_grad_batches: int = 1
     log_every: int = 10
     ckpt_every: int = 200  # steps between Lightning checkpoints (for --resume)
-    sample_every: int = 0  # steps between picture grids in the log folder; 0 = off
+    sample_every: int = 0  # steps between picture grids in out_dir/pictures; 0 = off
+    val_every: int = 100  # steps between held-out validation passes (logged, printed); 0 = off
+    val_batches: int = 16  # batches of held-out data per validation pass
     threads: int = 0  # torch.set_num_threads; 0 = leave torch's default
     progress_bar: bool = True
     nan_policy: str = "stop"  # NaN/Inf loss: stop (error naming the step) | skip (drop the batch)
+
+
+@dataclass
+class SampleConfig:
+    """The recommended sampling settings a training run writes into the model folder.
+
+    At the end of the ``dalle`` stage (and again after ``clip``, which adds a scorer)
+    every combination of ``sweep`` (sampling option -> values, on top of ``options``)
+    and of ``candidates`` is sampled for ``prompts`` held-out captions, ``images``
+    each, and judged; the simplest setting within one standard error of the best is
+    written to ``model/sampling.json`` (see dalle1/recommend.py). ``sweep: {}``
+    writes ``options`` as they are, without sampling.
+    """
+
+    options: dict[str, Any] = field(default_factory=dict)  # fixed options, e.g. {top_k: 32}
+    # option -> values tried, simplest first (any field of dalle1.sampling.SamplingOptions)
+    sweep: dict[str, Any] = field(default_factory=lambda: {"cond_scale": [1.0, 1.5, 2.0, 3.0, 4.0]})
+    candidates: list[int] = field(
+        default_factory=lambda: [1, 4]
+    )  # per image; best kept by the scorer
+    prompts: int = 16  # distinct held-out captions sampled in the sweep
+    images: int = 8  # images per caption and setting
+    seed: int = 0
 
 
 @dataclass
@@ -140,6 +168,7 @@ class Config:
     dalle: DALLEConfig = field(default_factory=DALLEConfig)
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -157,6 +186,18 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     if hint is Any:
         return value
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # e.g. text.text_len: int | str ("auto")
+        for option in typing.get_args(hint):
+            try:
+                return _check_type(key, value, option)
+            except ConfigError:
+                pass
+        names = " or ".join(getattr(o, "__name__", str(o)) for o in typing.get_args(hint))
+        raise ConfigError(f"{key}: expected {names}, got {type(value).__name__} ({value!r})")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} ({value!r})")
+        return dict(value)
     if origin is list:
         (item,) = typing.get_args(hint) or (Any,)
         if not isinstance(value, list):
@@ -265,9 +306,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"dalle.p_uncond={cfg.dalle.p_uncond} must lie in [0, 1)")
     if cfg.dalle.conv_kernel % 2 != 1:
         raise ConfigError(f"dalle.conv_kernel={cfg.dalle.conv_kernel} must be odd")
+    if isinstance(cfg.text.text_len, str) and cfg.text.text_len != "auto":
+        raise ConfigError(f"text.text_len: '{cfg.text.text_len}' is neither a number nor 'auto'")
     for key in (
         "text.vocab_size",
-        "text.text_len",
+        *(["text.text_len"] if isinstance(cfg.text.text_len, int) else []),
         "vae.codebook_size",
         "dalle.depth",
         "dalle.heads",

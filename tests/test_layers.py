@@ -5,7 +5,7 @@ The order is also the reading order (README, docs/tour.md):
     ground floor   config, files, images
     the paper      text, vae, masks, transformer, sampling, clip, editing, rerank
     data/          imports the ground floor only
-    assembly       checkpoint, codes, evaluation, pipeline
+    assembly       checkpoint, codes, evaluation, recommend, pipeline
     training/      never the pipeline
     apps/          programs on top of the pipeline
     cli            the command line
@@ -41,6 +41,7 @@ ORDER: dict[str, tuple[int, ...]] = {
     "rerank": (11,),
     "data.shapes": (12, 0),
     "data.emoji": (12, 0),
+    "data.glyphs": (12, 0),
     "data.problems": (12, 1),
     "data.captions": (12, 2),
     "data.folder": (12, 3),
@@ -52,11 +53,13 @@ ORDER: dict[str, tuple[int, ...]] = {
     "checkpoint": (13,),
     "codes": (14,),
     "evaluation": (15,),
+    "recommend": (15, 5),
     "pipeline": (16,),
     "": (16, 9),  # the face, dalle1/__init__.py
     "training.resilience": (17, 1),
     "training.systems": (17, 2),
     "training.datamodule": (17, 2),
+    "training.watch": (17, 2),
     "training.fit": (17, 3),
     "training": (17, 9),
     "apps.evaluate": (18, 1),

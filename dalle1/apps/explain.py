@@ -20,8 +20,8 @@ writes one picture per mechanic of the paper (Ramesh et al. 2021):
   (bottom row), section 2.1;
 * ``codebook_usage.png`` — how often each code of the codebook is used;
 * ``loss_curves.png`` / ``vae_loss_curves.png`` — training curves from the CSV
-  logs next to the model folder (text and image cross-entropy separately: the
-  1/8 : 7/8 weighting of section 2.2).
+  logs the model folder carries in ``history/`` (text and image cross-entropy
+  separately: the 1/8 : 7/8 weighting of section 2.2).
 
 Every picture is also available as a function returning a PIL image, so the
 tests (and the tour in ``docs/tour.md``) can check them.
@@ -532,9 +532,10 @@ class Explained:
 
 
 def _data_images(
-    config, image_size: int, images: list[str | Path] | None, count: int
+    model: Path, image_size: int, images: list[str | Path] | None, count: int
 ) -> tuple[torch.Tensor | None, list[str], str]:
-    """Images for reconstructions: the given files, else the first of the model's data folder."""
+    """Images for reconstructions: the given files, else the held-out examples the model
+    folder carries (``examples/``), so the pictures do not depend on where it is run."""
     if images:
         paths = [Path(p) for p in images]
         for p in paths:
@@ -542,9 +543,9 @@ def _data_images(
                 raise FileNotFoundError(f"image '{p}' does not exist")
         return torch.stack([load_image(p, image_size) for p in paths]), [], ""
     try:
-        pairs = find_pairs(config.data.path)
-    except FileNotFoundError as err:
-        return None, [], f"{err} (give images with --images)"
+        pairs = find_pairs(model / "examples")
+    except FileNotFoundError:
+        return None, [], f"the model folder '{model}' has no examples/ (give images with --images)"
     pairs = pairs[:count]
     captions = [c for _, cap in pairs for c in read_captions(cap)[:1]]
     return torch.stack([load_image(p, image_size) for p, _ in pairs]), captions, ""
@@ -565,20 +566,20 @@ def explain(
     """Draw every picture of the tour for the model folder ``model`` into ``out``.
 
     prompt:     caption for the stream layout and the raster animation (default:
-                the first caption of the model's data folder, else "a picture").
-    images:     image files for the reconstructions (default: the data folder of
-                the model's ``config.json``).
-    num_usage:  how many data images are encoded for the codebook histogram.
+                the first caption of the model folder's examples, else "a picture").
+    images:     image files for the reconstructions (default: the held-out examples
+                the model folder carries, ``examples/``).
+    num_usage:  how many of those images are encoded for the codebook histogram.
     all_kinds:  also draw every mask kind, not just the configured schedule.
     """
     model = Path(model)
     out = Path(out)
     pipe = DALLEPipeline.from_pretrained(model)
-    cfg, vae, dalle, tokenizer = pipe.config, pipe.vae, pipe.dalle, pipe.tokenizer
+    vae, dalle, tokenizer = pipe.vae, pipe.dalle, pipe.tokenizer
     shape, kernel = dalle.shape, dalle.cfg.conv_kernel
     out.mkdir(parents=True, exist_ok=True)
     result = Explained()
-    data, captions, why = _data_images(cfg, vae.cfg.image_size, images, max(num_recon, num_usage))
+    data, captions, why = _data_images(model, vae.cfg.image_size, images, max(num_recon, num_usage))
     prompt = prompt or (captions[0] if captions else "a picture")
     steps = tqdm(total=7, desc="explain", disable=not progress)
 
@@ -621,24 +622,18 @@ def explain(
         save("codebook_usage.png", codebook_picture(codes, vae.codebook_size))
     steps.update()
 
-    for name, log, title in (
-        ("loss_curves.png", model.parent / "logs" / "metrics.csv", "transformer training loss"),
-        (
-            "vae_loss_curves.png",
-            Path(cfg.dalle.vae).parent / "logs" / "metrics.csv" if cfg.dalle.vae else None,
-            "dVAE training loss",
-        ),
+    for name, log, title in (  # the training logs the model folder carries (history/)
+        ("loss_curves.png", model / "history" / "dalle.csv", "transformer training loss"),
+        ("vae_loss_curves.png", model / "history" / "vae.csv", "dVAE training loss"),
     ):
-        if log is None or not log.exists():
+        if not log.exists():
             result.skipped[name] = f"no training log at '{log}'"
             continue
         series = read_metrics(log)
         if not series:
             result.skipped[name] = f"no loss column in '{log}'"
             continue
-        save(
-            name, loss_curves_picture(series, f"{title} ({log.parent.parent.name}/logs/{log.name})")
-        )
+        save(name, loss_curves_picture(series, f"{title} (history/{log.name})"))
     steps.update(2)
     steps.close()
     return result
