@@ -3,7 +3,7 @@
 Reading order for a learner, which is also the import order (a module imports
 only modules before it; tests/test_layers.py checks it):
 
-* ground floor: config, files (atomic writes), images (pixels in and out);
+* ground floor: files (atomic writes, safe reads), config, images (pixels in and out);
 * the paper: text -> vae -> masks -> transformer -> sampling -> clip -> editing
   -> rerank;
 * data/ (captioned images in any format), then the assembly: checkpoint, codes,

@@ -1,8 +1,11 @@
 """The ``dalle1`` command line: ``dalle1 train``, ``dalle1 sample``, ``dalle1 data shapes`` …
 
 ``train.py`` and ``sample.py`` at the top of the repository are the same
-commands. Errors a user can fix (bad config key, missing folder, bad prompt)
-print one line and exit with status 2 instead of a traceback.
+commands. Errors a user can fix (bad config key, missing folder, bad prompt,
+an unwritable ``--out``, a full disk) print one line naming the file or the key
+and exit with status 2 instead of a traceback; Ctrl-C prints one line and exits
+with 130. The checks that need no model run before the model is loaded, and the
+ones that need it before any sampling (see "errors" at the end of this file).
 
 Every dalle1 module is imported here at the top, except two that only one command
 needs and that are heavy or have side effects: :mod:`dalle1.training` (Lightning),
@@ -15,8 +18,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib.metadata
 import json
+import math
+import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -40,8 +46,9 @@ from .data.problems import DataProblems
 from .data.shards import write_shards
 from .editing import parse_box
 from .evaluation import evaluate_vae
-from .images import load_image, save_grid, stack_images
-from .pipeline import DALLEPipeline
+from .files import read_text
+from .images import load_image, open_input, save_grid, stack_images
+from .pipeline import DALLEPipeline, check_count
 from .recommend import Recommended
 from .sampling import SamplingOptions
 
@@ -154,6 +161,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         "--resume", action="store_true", help="continue from out_dir/checkpoints/last.ckpt"
     )
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an out_dir that holds an earlier run (deletes its checkpoints, logs)",
+    )
+    p.add_argument(
         "overrides",
         nargs="*",
         metavar="section.key=value",
@@ -169,16 +181,13 @@ def run_train(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     again = " ".join(["--config", args.config, *args.overrides, "--resume"])
     try:
-        folder = fit(config, resume=args.resume)
+        folder = fit(config, resume=args.resume, overwrite=args.overwrite)
     except TrainingInterrupted as stop:
         print(
             f"dalle1 train: interrupted at step {stop.step}; checkpoint saved to "
             f"{stop.checkpoint}\ncontinue with: python train.py {again}",
             file=sys.stderr,
         )
-        raise SystemExit(130) from None
-    except KeyboardInterrupt:
-        print("dalle1 train: interrupted before the first step; nothing to save", file=sys.stderr)
         raise SystemExit(130) from None
     print(f"model folder: {folder}")
 
@@ -215,7 +224,13 @@ def run_sample(args: argparse.Namespace) -> None:
     if args.image is not None or edit_mode_flags(args):
         run_edit(args)
         return
-    pipe = DALLEPipeline.from_pretrained(args.model, device=args.device)
+    check_count("--num-images", args.num_images, args.num_images * len(args.prompt))
+    if args.keep is not None and args.rerank is False:
+        raise ValueError("--keep needs --rerank")
+    if args.keep is not None and args.keep > args.num_images:
+        raise ValueError(f"--keep {args.keep} is more than --num-images {args.num_images}")
+    out = output_folder(args.out)
+    pipe = DALLEPipeline.from_pretrained(args.model, device=check_device(args.device))
     with one_line_warnings("sample"):
         result = pipe(
             args.prompt,
@@ -227,8 +242,6 @@ def run_sample(args: argparse.Namespace) -> None:
             progress=True,
         )
     per_prompt = len(result.images) // len(args.prompt)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     lines = []
     scores = result.scores or [None] * len(result.images)
     for i, (image, prompt, seed, score) in enumerate(
@@ -324,8 +337,20 @@ def run_edit(args: argparse.Namespace) -> None:
     prompts = args.prompt or [""]
     if len(prompts) != 1:
         raise ValueError(f"editing takes one --prompt, got {len(prompts)}")
-    candidates = args.candidates or getattr(args, "num_images", None) or 4
-    pipe = DALLEPipeline.from_pretrained(args.model, device=args.device)
+    candidates = args.candidates
+    if candidates is None:  # an explicit --candidates 0 is an error, not the default
+        candidates = getattr(args, "num_images", None) or 4
+    check_count("--candidates", candidates)
+    box = parse_box(args.box) if args.box is not None else None
+    image = open_input(args.image)  # before the model: a bad file fails in a second
+    mask = open_input(args.mask, "mask image") if args.mask is not None else None
+    out = output_folder(args.out)
+    pipe = DALLEPipeline.from_pretrained(args.model, device=check_device(args.device))
+    size = pipe.vae.cfg.image_size
+    if not 0 <= args.feather <= size:
+        raise ValueError(
+            f"--feather {args.feather} must lie in [0, {size}] (the model's image size)"
+        )
     common = dict(
         candidates=candidates,
         seed=args.seed,
@@ -335,9 +360,7 @@ def run_edit(args: argparse.Namespace) -> None:
         progress=True,
     )
     with one_line_warnings("edit"):
-        result = _run_edit(pipe, args, prompts[0], common)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        result = _run_edit(pipe, args, image, mask, box, prompts[0], common)
     result.original.save(out / "original.png")
     result.mask.save(out / "mask.png")
     lines = []
@@ -359,16 +382,18 @@ def run_edit(args: argparse.Namespace) -> None:
     print(f"wrote {len(result.images)} candidates and grid.png to {out}")
 
 
-def _run_edit(pipe: DALLEPipeline, args: argparse.Namespace, prompt: str, common: dict):
+def _run_edit(
+    pipe: DALLEPipeline, args: argparse.Namespace, image, mask, box, prompt: str, common: dict
+):
     """The one edit the flags ask for: a box, a mask, a completion or variations."""
-    if args.box is not None:
-        return pipe.edit(args.image, prompt, box=parse_box(args.box), **common)
-    if args.mask is not None:
-        return pipe.edit(args.image, prompt, mask_image=args.mask, **common)
+    if box is not None:
+        return pipe.edit(image, prompt, box=box, **common)
+    if mask is not None:
+        return pipe.edit(image, prompt, mask_image=mask, **common)
     if args.complete_rows is not None:
-        return pipe.complete(args.image, prompt, rows=args.complete_rows, **common)
+        return pipe.complete(image, prompt, rows=args.complete_rows, **common)
     return pipe.variations(
-        args.image,
+        image,
         prompt,
         fraction=args.variation,
         mode=args.variation_mode,
@@ -381,7 +406,7 @@ def _run_edit(pipe: DALLEPipeline, args: argparse.Namespace, prompt: str, common
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="data_command", required=True, parser_class=HelpParser)
+    sub = p.add_subparsers(dest="data_command", required=True, parser_class=OneLineParser)
     shapes = sub.add_parser("shapes", help="write the built-in synthetic shapes dataset")
     shapes.add_argument("out", help="folder for the PNG + same-stem .txt caption pairs")
     shapes.add_argument("--count", type=int, default=4000, help="images to draw")
@@ -476,9 +501,14 @@ def run_data_format(args: argparse.Namespace) -> None:
         cfg = DataConfig(path=args.src)
         if data_format(cfg) == "webdataset":
             raise ValueError(f"'{args.src}' already holds shards")
-        paths = write_shards(load_pairs(cfg), args.out, args.shard_size, args.prefix)
-        print(f"wrote {len(paths)} shards to {args.out}")
+        problems = DataProblems()
+        paths = write_shards(
+            load_pairs(cfg, problems), args.out, args.shard_size, args.prefix, problems=problems
+        )
+        skipped = f"; {problems.summary()}" if problems.read() else ""
+        print(f"wrote {len(paths)} shards and shards.json to {args.out}{skipped}")
     elif args.data_command == "encode":
+        output_folder(args.out)  # before encoding: an unwritable --out fails now, not at the end
         out = encode_data(args.model, DataConfig(path=args.data), args.out, args.batch_size)
         print(f"wrote codes to {out} (train with data.codes={out})")
     elif args.data_command == "emoji":
@@ -492,8 +522,8 @@ def run_data_format(args: argparse.Namespace) -> None:
 def parse_list(value: str) -> list[str]:
     """A comma-separated list, or the path of a file with one item per line."""
     path = Path(value)
-    if path.is_file():
-        items = [line.strip() for line in path.read_text().splitlines()]
+    if path.exists() and not path.is_dir():  # a file of items (a pipe or a device is refused)
+        items = [line.strip() for line in read_text(path, "list").splitlines()]
     else:
         items = [item.strip() for item in value.split(",")]
     items = [item for item in items if item and not item.startswith("#")]
@@ -521,7 +551,7 @@ def add_classify_args(p: argparse.ArgumentParser) -> None:
 @command("classify", add_classify_args)
 def run_classify(args: argparse.Namespace) -> None:
     """Zero-shot classification of images with the model's contrastive scorer."""
-    pipe = DALLEPipeline.from_pretrained(args.model, device=args.device)
+    pipe = DALLEPipeline.from_pretrained(args.model, device=check_device(args.device))
     if pipe.clip is None:
         raise ValueError(f"'{args.model}' has no clip/ scorer; train one with train.stage=clip")
     labels = parse_list(args.labels)
@@ -571,7 +601,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> None:
     """Held-out bits per token, scorer figures with and without reranking, label accuracy."""
     prompts = read_prompts(args.prompts)
-    pipe = DALLEPipeline.from_pretrained(args.model, device=args.device)
+    if args.keep > args.num_images:
+        raise ValueError(f"--keep {args.keep} is more than --num-images {args.num_images}")
+    if args.out:
+        output_file(args.out)
+    pipe = DALLEPipeline.from_pretrained(args.model, device=check_device(args.device))
     result = evaluate(
         pipe,
         args.data,
@@ -619,7 +653,8 @@ def run_synth(args: argparse.Namespace) -> None:
         templates = parse_list(args.templates)
     else:
         raise FileNotFoundError(f"templates file '{args.templates}' does not exist")
-    pipe = DALLEPipeline.from_pretrained(args.model, device=args.device)
+    output_folder(args.out)
+    pipe = DALLEPipeline.from_pretrained(args.model, device=check_device(args.device))
     summary = synthesize(
         pipe,
         classes,
@@ -719,6 +754,133 @@ def run_eval_vae(args: argparse.Namespace) -> None:
             save_grid(torch.cat([originals, recons]), out / "recon.png", nrow=n, scale=args.scale)
 
 
+# --- errors: one line naming the file or the key, exit status 2 -----------------------------
+
+#: the least value of each numeric flag, wherever a command has it (checked before any work)
+AT_LEAST = {
+    "num_images": 1,
+    "keep": 1,
+    "candidates": 1,
+    "batch_size": 1,
+    "per_class": 1,
+    "shard_size": 1,
+    "count": 1,
+    "image_size": 1,
+    "size": 1,
+    "scale": 1,
+    "max_pairs": 1,
+    "top_k": 1,
+    "feather": 0,
+    "grid": 0,
+    "limit": 0,
+    "complete_rows": 0,
+    "port": 1,
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``dalle1 sample: error: …``), exit status 2,
+    and every --help shows the defaults (:class:`HelpFormatter`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The numeric flags of :data:`AT_LEAST` and the sampling options, before any work."""
+    for dest, least in AT_LEAST.items():
+        value = getattr(args, dest, None)
+        if isinstance(value, int) and value < least:
+            raise ValueError(f"--{dest.replace('_', '-')} must be >= {least}, got {value}")
+    if hasattr(args, "temperature"):
+        sampling_options(args).check()
+    for dest in ("min_score", "variation"):
+        value = getattr(args, dest, None)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{dest.replace('_', '-')} must be a finite number, got {value}")
+
+
+def check_device(name: str) -> str:
+    """``--device``: a device torch knows and this machine has (``auto`` is left as it is)."""
+    if name == "auto":
+        return name
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"--device {name!r} is not a torch device (cpu, cuda, cuda:1, mps …)"
+        ) from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--device {name}: no CUDA GPU is available here (torch.cuda.is_available() is "
+                "False); use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+    return name
+
+
+def _writable(folder: Path, flag: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(
+            f"{flag} '{folder}' is not a writable folder ({err.strerror or err})"
+        ) from None
+
+
+def output_folder(path: str | Path, flag: str = "--out") -> Path:
+    """A folder the command will write into, created and test-written before the long work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} '{path}' is a file, not a folder")
+    _writable(path, flag)
+    return path
+
+
+def output_file(path: str | Path, flag: str = "--out") -> Path:
+    """A file the command will write, checked before the long work (its folder is writable)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} '{path}' is a folder, not a file name")
+    _writable(path.parent, flag)
+    return path
+
+
+def error_line(err: BaseException) -> str | None:
+    """The one-line message of an error a user can fix, or None for a bug (a traceback)."""
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+        name = err.filename or ""
+        where = f" '{name}'" if name else ""
+        if err.errno == errno.ENOSPC:
+            return f"no space left on the device while writing{where}"
+        return f"cannot use{where}: {err.strerror or err}"
+    if isinstance(err, USER_ERRORS):
+        return str(err)
+    if type(err).__name__ == "MisconfigurationException":  # Lightning's, raised inside fit
+        return f"Lightning: {err}"
+    if isinstance(err, RuntimeError) and "Error(s) in loading state_dict" in str(err):
+        return (
+            "the checkpoint does not fit the model this config builds (was the architecture "
+            f"changed since the run began?): {str(err).splitlines()[0]}"
+        )
+    if isinstance(err, RecursionError):
+        return "input nested too deeply"
+    return None
+
+
 # --- entry point -------------------------------------------------------------------------
 
 
@@ -740,22 +902,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class HelpParser(argparse.ArgumentParser):
-    """An ArgumentParser whose --help shows the defaults (:class:`HelpFormatter`)."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = HelpParser(
+    parser = OneLineParser(
         prog="dalle1",
         description="DALL-E 1 (Ramesh et al. 2021): train the dVAE and the transformer, "
         "sample, edit, rerank and explain.",
     )
     parser.add_argument("--version", action="version", version=f"dalle1 {package_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=HelpParser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for name, (add_args, run) in COMMANDS.items():
         summary = (run.__doc__ or name).strip().splitlines()[0]
         add_args(sub.add_parser(name, help=summary, description=summary))
@@ -773,9 +927,17 @@ def main(argv: list[str] | None = None, command_name: str | None = None) -> int:
     ]
     args = build_parser().parse_args(argv)
     try:
+        check_flags(args)
         COMMANDS[args.command][1](args)
-    except USER_ERRORS as err:
-        print(f"dalle1 {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"dalle1 {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - user errors become one line, bugs stay tracebacks
+        line = error_line(err)
+        if line is None:
+            raise
+        line = " ".join(line.split())  # one line, whatever the message held
+        print(f"dalle1 {args.command}: error: {line}", file=sys.stderr)
         return 2
     return 0
 

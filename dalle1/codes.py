@@ -33,7 +33,7 @@ from .checkpoint import component_folder, load_vae
 from .config import DataConfig
 from .data import data_format, iter_items, load_pairs
 from .data.captions import pick_caption
-from .files import atomic_write
+from .files import atomic_write, read_text, regular_file
 from .vae import DiscreteVAE
 
 CODES_FILE, CAPTIONS_FILE, META_FILE = "codes.npy", "captions.jsonl", "meta.json"
@@ -106,10 +106,17 @@ class CodesFile:
                     f"codes folder '{folder}' has no {name} (write it with `dalle1 data encode`)"
                 )
         self.folder = folder
-        self.meta = json.loads((folder / META_FILE).read_text())
-        self.codes = np.load(folder / CODES_FILE, mmap_mode="r")
-        with open(folder / CAPTIONS_FILE, encoding="utf-8") as fh:
-            self.captions = [json.loads(line) for line in fh if line.strip()]
+        try:  # regular files only (a pipe would block), JSON parsed as data
+            self.meta = json.loads(read_text(folder / META_FILE, "config"))
+            self.codes = np.load(regular_file(folder / CODES_FILE, "codes"), mmap_mode="r")
+            text = read_text(folder / CAPTIONS_FILE, "manifest")
+            self.captions = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except (ValueError, RecursionError) as err:  # UnsafeFileError, bad JSON, bad .npy
+            raise ValueError(f"codes folder '{folder}' is damaged: {err}") from None
+        if not isinstance(self.meta, dict) or self.codes.ndim != 2:
+            raise ValueError(
+                f"codes folder '{folder}' is damaged: not written by `dalle1 data encode`"
+            )
         if len(self.captions) != len(self.codes):
             raise ValueError(
                 f"codes folder '{folder}': {len(self.codes)} code rows but {len(self.captions)} caption rows"

@@ -43,9 +43,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
-from .images import ImageInput, fit_geometry, load_input
+from .images import (
+    SIXTEEN_BIT,
+    ImageInput,
+    check_pixels,
+    fit_geometry,
+    load_input,
+    open_input,
+    to_rgb,
+)
 from .sampling import SamplingOptions, sample_codes
 from .transformer import DALLE
 
@@ -101,8 +109,8 @@ def parse_box(box: str | tuple | list) -> Box:
         values = tuple(float(v) for v in (box.split(",") if isinstance(box, str) else box))
     except (TypeError, ValueError):
         values = ()
-    if len(values) != 4:
-        raise ValueError(f"box must be four numbers x0,y0,x1,y1, got {box!r}")
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"box must be four numbers x0,y0,x1,y1, all finite, got {box!r}")
     return values  # type: ignore[return-value]
 
 
@@ -113,8 +121,8 @@ def box_to_cells(box: Box, frame: Frame, grid: int) -> torch.Tensor:
     """
     try:
         x0, y0, x1, y1 = (Fraction(v) for v in box)
-    except (TypeError, ValueError):
-        raise ValueError(f"box must be four numbers x0,y0,x1,y1, got {box!r}") from None
+    except (TypeError, ValueError, OverflowError):  # OverflowError: inf
+        raise ValueError(f"box must be four numbers x0,y0,x1,y1, all finite, got {box!r}") from None
     if x0 >= x1 or y0 >= y1:
         raise ValueError(f"box {tuple(box)} is empty: need x0 < x1 and y0 < y1")
     if x0 < 0 or y0 < 0 or x1 > frame.width or y1 > frame.height:
@@ -130,15 +138,28 @@ def box_to_cells(box: Box, frame: Frame, grid: int) -> torch.Tensor:
     return cells
 
 
+def mask_pixels(img: Image.Image) -> np.ndarray:
+    """A mask image -> bool (H, W): white (more than half the full range) = repaint.
+
+    The full range is the image's own: 16-bit and 32-bit masks are scaled like images
+    (:func:`dalle1.images.to_rgb`), not clipped at 255; an alpha channel is ignored.
+    """
+    if img.mode in SIXTEEN_BIT or img.mode in ("I", "F"):
+        return np.asarray(to_rgb(img).convert("L")) > 127
+    return np.asarray(img.convert("L")) > 127
+
+
 def load_mask(mask: MaskInput) -> np.ndarray:
-    """A mask image (white = repaint), path, or 2-D array -> bool array (H, W)."""
+    """A mask image (white = repaint), path, or 2-D array -> bool array (H, W).
+
+    A mask file is read like an image to edit (:func:`dalle1.images.open_input`: checked,
+    fully decoded, upright by its EXIF orientation).
+    """
     if isinstance(mask, str | Path):
-        if not Path(mask).exists():
-            raise FileNotFoundError(f"mask image '{mask}' does not exist")
-        with Image.open(mask) as img:
-            return np.asarray(img.convert("L")) > 127
+        return mask_pixels(open_input(mask, "mask image"))
     if isinstance(mask, Image.Image):
-        return np.asarray(mask.convert("L")) > 127
+        check_pixels(mask, "mask image")
+        return mask_pixels(ImageOps.exif_transpose(mask))
     array = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
     if array.ndim != 2:
         raise ValueError(f"a mask array must be 2-D (H, W), got shape {array.shape}")
@@ -368,7 +389,7 @@ def edit_warnings(
     original_codes: torch.Tensor,
     repaint: torch.Tensor,
     near: float = 0.05,
-    outside: float = 0.5,
+    outside: float = 0.1,
 ) -> list[str]:
     """Plain-language reasons an edit may not do what was asked (empty list: none found).
 
@@ -424,13 +445,17 @@ def blend_weights(repaint_pixels: torch.Tensor, feather: int = 0) -> torch.Tenso
     weight outside the region stays exactly 0.
     """
     inside = repaint_pixels.bool()
-    if feather <= 0 or inside.all():
+    if feather < 0:
+        raise ValueError(f"feather must be >= 0 pixels, got {feather}")
+    if feather == 0 or inside.all():
         return inside.float()
     reach = (~inside).float()[None, None]
     dist = torch.full(inside.shape, float(feather + 1))
     for d in range(1, feather + 1):
         reach = F.max_pool2d(reach, 3, stride=1, padding=1)
         newly = (reach[0, 0] > 0) & inside & (dist == feather + 1)
+        if not newly.any() and bool((reach[0, 0] > 0).all()):
+            break  # every pixel is reached: a wider feather changes no distance (O(size) steps)
         dist[newly] = float(d)
     return torch.where(inside, dist / (feather + 1), torch.zeros(()))
 

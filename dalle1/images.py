@@ -23,21 +23,33 @@ Conversion rules (:func:`to_rgb`; ``docs/reliability.md`` lists them for users)
 A file that cannot be decoded (Pillow cannot identify it, it is truncated or
 corrupt, over Pillow's decompression-bomb limit, or gone) raises
 :class:`BadImageError`, which names the file and the reason; the data readers
-skip and count such files (:mod:`dalle1.data`).
+skip and count such files (:mod:`dalle1.data`). Files are opened through
+:func:`dalle1.files.open_regular`: a named pipe, a device or a directory is
+refused before Pillow reads a byte. An image a user hands in to be edited
+(:func:`load_input`) is decoded fully up front and may have at most
+:data:`MAX_INPUT_PIXELS` pixels.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .files import UnsafeFileError, open_regular
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 #: an image given by the caller: a PIL image or the path of a file
 ImageInput = Image.Image | str | Path
+
+#: the most pixels of an image handed in to be edited (CLI --image / --mask, the web UI): 8192²
+MAX_INPUT_PIXELS = 8192 * 8192
 
 
 class BadImageError(ValueError):
@@ -109,15 +121,36 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
 def describe_error(err: BaseException) -> str:
     """A short reason for a decoding failure ('truncated file', 'not an image' …)."""
     text = str(err).strip() or type(err).__name__
+    if isinstance(err, UnsafeFileError):
+        return err.reason
+    if isinstance(err, IsADirectoryError):
+        return "is a directory, not an image file"
     if isinstance(err, Image.UnidentifiedImageError) or "cannot identify image" in text:
         return "not an image Pillow can read"
     if "truncated" in text:
         return "truncated file"
     if isinstance(err, Image.DecompressionBombError):
-        return f"too many pixels ({text.split('(')[0].strip()})"
+        numbers = [int(n) for n in re.findall(r"\d+", text)]
+        if len(numbers) >= 2:
+            return (
+                f"too many pixels ({numbers[0]:,}; Pillow's limit against decompression bombs "
+                f"is {numbers[1]:,})"
+            )
+        return f"too many pixels ({text})"
     if isinstance(err, FileNotFoundError):
         return "file not found"
     return f"corrupt image ({type(err).__name__}: {text.splitlines()[0][:120]})"
+
+
+@contextmanager
+def _open(path) -> Iterator[Image.Image]:
+    """``Image.open`` on a checked regular file (never a pipe or a device); file objects as given."""
+    if isinstance(path, str | Path):
+        with open_regular(path, "image") as fh, Image.open(fh) as img:
+            yield img
+    else:
+        with Image.open(path) as img:
+            yield img
 
 
 def probe_image(path: str | Path, image_size: int | None = None, decode: bool = False) -> list[str]:
@@ -126,7 +159,7 @@ def probe_image(path: str | Path, image_size: int | None = None, decode: bool = 
     Raises :class:`BadImageError` (naming the file and the reason) if it cannot be read.
     """
     try:
-        with Image.open(path) as img:
+        with _open(path) as img:
             rules = conversion_of(img, image_size)
             if decode:
                 img.load()
@@ -167,7 +200,7 @@ def load_image(path: str | Path, image_size: int) -> torch.Tensor:
     :class:`BadImageError` naming it. ``path`` may also be a file object with a ``name``.
     """
     try:
-        with Image.open(path) as img:
+        with _open(path) as img:
             img.load()
             return pil_to_tensor(img, image_size)
     except Exception as err:  # noqa: BLE001 - every decoder failure becomes one error type
@@ -175,15 +208,44 @@ def load_image(path: str | Path, image_size: int) -> torch.Tensor:
         raise BadImageError(name, describe_error(err)) from None
 
 
+def check_pixels(img: Image.Image, name: object = "image") -> None:
+    """BadImageError when ``img`` has more than :data:`MAX_INPUT_PIXELS` pixels."""
+    if img.width * img.height > MAX_INPUT_PIXELS:
+        raise BadImageError(
+            name,
+            f"{img.width}x{img.height} is {img.width * img.height / 1e6:.0f} M pixels, over the "
+            f"limit of {MAX_INPUT_PIXELS / 1e6:.0f} M for an image to edit",
+        )
+
+
+def open_input(path: str | Path, what: str = "image") -> Image.Image:
+    """A user's image file, fully decoded (a copy; the file is closed), upright (EXIF applied).
+
+    Refused with one line naming the file: missing (FileNotFoundError), a directory, a pipe,
+    not an image, truncated or corrupt, over :data:`MAX_INPUT_PIXELS` (BadImageError).
+    """
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{what} '{path}' does not exist")
+    try:
+        with _open(path) as img:
+            check_pixels(img, path)  # from the header, before decoding a byte of pixels
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+            return upright.copy() if upright is img else upright
+    except BadImageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - every decoder failure becomes one error type
+        raise BadImageError(path, describe_error(err)) from None
+
+
 def load_input(image: ImageInput) -> Image.Image:
-    """A caller's image (PIL image or path) -> an RGB PIL image; one-line errors otherwise."""
+    """A caller's image (PIL image or path) -> an upright RGB PIL image, by the conversion
+    rules of this module (:func:`to_rgb`); one-line errors otherwise (see :func:`open_input`)."""
     if isinstance(image, str | Path):
-        if not Path(image).exists():
-            raise FileNotFoundError(f"image '{image}' does not exist")
-        with Image.open(image) as img:
-            return img.convert("RGB")
+        return to_rgb(open_input(image))
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        check_pixels(image)
+        return to_rgb(image)
     raise ValueError(f"image must be a PIL image or a path, got {type(image).__name__}")
 
 

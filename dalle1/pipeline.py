@@ -43,6 +43,22 @@ from .text import TextTokenizer
 from .transformer import DALLE
 from .vae import DiscreteVAE
 
+#: the most images one call samples (prompts x num_images, or candidates of an edit): the
+#: codes, the key/value cache and the decoded pixels of all of them are held at once
+MAX_IMAGES_PER_CALL = 1024
+
+
+def check_count(name: str, value: int, total: int | None = None) -> None:
+    """One-line ValueError unless 1 <= value and the call's total stays within the bound."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    total = value if total is None else total
+    if total > MAX_IMAGES_PER_CALL:
+        raise ValueError(
+            f"{name}={value} asks for {total} images in one call; at most "
+            f"{MAX_IMAGES_PER_CALL} (sample in several calls, or use `dalle1 synth`)"
+        )
+
 
 class _Recommended:
     """The default of every sampling argument: "the model folder's recommended value"."""
@@ -249,20 +265,24 @@ class DALLEPipeline:
             )
         # 1. check the inputs
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if num_images < 1:
+        if not isinstance(num_images, int) or num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
         if not prompts:
             raise ValueError("no prompt given")
+        options.check()
         if keep is not None and rerank is False:
             raise ValueError("keep needs rerank=True (or rerank left out)")
         if keep is not None:
             rerank = True
+        if keep is not None and not 1 <= keep <= num_images:  # before any sampling
+            raise ValueError(f"keep must lie in [1, num_images={num_images}], got {keep}")
         # the folder's recommended reranking: num_images x candidates, the best num_images kept
         pool = 1
         if rerank is None and keep is None and seeds is None:
             pool = self.recommended.candidates
             if pool > 1:
                 rerank, keep, num_images = True, num_images, num_images * pool
+        check_count("num_images", num_images, num_images * len(prompts))
         # 2. encode the prompts: one row per image
         rows = [p for p in prompts for _ in range(num_images)]
         text = self.encode_prompts(rows)
@@ -371,6 +391,10 @@ class DALLEPipeline:
         given = sum(x is not None for x in (box, mask_image, repaint))
         if given != 1:
             raise ValueError("give exactly one of box=, mask_image= or repaint=")
+        check_count("candidates", candidates)
+        options.check()
+        if feather < 0:
+            raise ValueError(f"feather must be >= 0 pixels, got {feather}")
         size, grid = self.vae.cfg.image_size, self.vae.grid_size
         img = load_input(image)
         if repaint is None:

@@ -29,6 +29,7 @@ sampling either way.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -96,6 +97,10 @@ class SamplingOptions:
 
     def check(self) -> None:
         """One-line errors for values no sampler can use."""
+        for name in ("temperature", "cond_scale", "top_p"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k is not None and self.top_k < 1:
@@ -117,8 +122,15 @@ def next_code(
     if options.guided:
         cond, uncond = logits.chunk(2)
         logits = uncond + options.cond_scale * (cond - uncond)
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(
+            "the model's logits are not finite (NaN/Inf): the weights are broken or "
+            f"cond_scale={options.cond_scale} is too large"
+        )
     if options.temperature == 0:
         return logits.argmax(-1)
+    if options.temperature < 1:  # l / T overflows for a tiny T: shift the largest logit to 0 first
+        logits = logits - logits.amax(-1, keepdim=True)
     filtered = filter_logits(logits / options.temperature, options.top_k, options.top_p)
     return pick(filtered, 1.0, generators)
 

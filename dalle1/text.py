@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
+from .files import read_text
+
 BOS = "<bos>"
 UNK = "<unk>"
 
@@ -65,9 +67,12 @@ class TextTokenizer:
         return cls(tok, text_len, bpe_dropout)
 
     @classmethod
-    def load(cls, path: str | Path, text_len: int, bpe_dropout: float = 0.0) -> TextTokenizer:
-        """Load a ``tokenizer.json`` (parsed as data, nothing executed)."""
-        return cls(Tokenizer.from_file(str(path)), text_len, bpe_dropout)
+    def load(
+        cls, path: str | Path, text_len: int, bpe_dropout: float = 0.0, root: Path | None = None
+    ) -> TextTokenizer:
+        """Load a ``tokenizer.json`` (parsed as data, nothing executed; a regular file of at
+        most 256 MiB, inside ``root`` if given: :func:`dalle1.files.read_text`)."""
+        return cls(Tokenizer.from_str(read_text(path, "tokenizer", root)), text_len, bpe_dropout)
 
     def save(self, path: str | Path) -> None:
         self.tokenizer.save(str(path))

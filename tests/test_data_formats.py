@@ -247,7 +247,7 @@ def test_pre_encoded_codes_equal_on_the_fly(tiny_model, shapes_dir, tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     (out / "meta.json").write_text(json.dumps({**meta, "vae_sha256": "0" * 64}))
     with pytest.raises(ValueError, match="made by another VAE"):
-        fit(cfg)
+        fit(cfg, overwrite=True)
 
 
 def test_both_stages_train_on_shards(shapes_dir, tmp_path):
@@ -262,7 +262,11 @@ def test_both_stages_train_on_shards(shapes_dir, tmp_path):
         "configs/tiny_dalle.yaml", [*common, f"train.out_dir={tmp_path / 'd'}", f"dalle.vae={vae}"]
     )
     assert (fit(dalle_cfg) / "tokenizer.json").is_file()
-    assert sorted(p.suffix for p in shards.iterdir()) == [".tar"] * 3  # nothing generated there
+    # nothing generated there: the three shards and their list
+    assert sorted(p.name for p in shards.iterdir()) == [
+        *(f"shard-{k:06d}.tar" for k in range(3)),
+        "shards.json",
+    ]
 
 
 def test_emoji_list_and_missing_font(tmp_path):

@@ -2,7 +2,7 @@
 
 The order is also the reading order (README, docs/tour.md):
 
-    ground floor   config, files, images
+    ground floor   files, config, images
     the paper      text, vae, masks, transformer, sampling, clip, editing, rerank
     data/          imports the ground floor only
     assembly       checkpoint, codes, evaluation, recommend, pipeline
@@ -28,8 +28,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dalle1"
 
 # module -> its place; a tuple sorts the files inside a wing by their own order
 ORDER: dict[str, tuple[int, ...]] = {
-    "config": (1,),
-    "files": (2,),
+    "files": (1,),
+    "config": (2,),
     "images": (3,),
     "text": (4,),
     "vae": (5,),
@@ -144,7 +144,7 @@ def judge(importer: str, mine: tuple[int, ...], target: str, in_function: bool) 
     if in_function and not any(in_wing(target, ok) for ok in IN_FUNCTION_OK.get(importer, ())):
         return f"{where} inside a function; only cli.py may, and only training / apps.ui"
     if in_wing(importer, "data") and not (in_wing(target, "data") or target in GROUND_FLOOR):
-        return f"{where}: data/ imports only the ground floor (config, files, images)"
+        return f"{where}: data/ imports only the ground floor (files, config, images)"
     if in_wing(importer, "training") and target == "pipeline":
         return f"{where}: training/ never imports the pipeline"
     if importer.startswith(target + ".") or (target == "" and importer):

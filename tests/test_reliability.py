@@ -377,7 +377,7 @@ def test_nan_loss_in_training(policy, shapes_dir, tmp_path, monkeypatch, capfd):
         with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 2 \(epoch 0, batch 2\)"):
             fit(cfg, callbacks=[Watch()])
         assert max(weights) == 2  # steps 1 and 2 trained, nothing after
-        assert main(["train", "--config", "configs/tiny_vae.yaml", *_cli(cfg)]) == 2
+        assert main(["train", "--config", "configs/tiny_vae.yaml", "--overwrite", *_cli(cfg)]) == 2
         assert "error: training loss is nan at step 2" in capfd.readouterr().err
     else:
         fit(cfg, callbacks=[Watch()])

@@ -91,6 +91,11 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     after = [s for s in run_loss if s >= killed_at]
     assert len(after) >= steps - killed_at - 1
     assert all(run_loss[s] == ref_loss[s] for s in after)
+    # the log survived the kill and the resume: every step exactly once, the losses of the
+    # uninterrupted run (Lightning's own CSV logger would have deleted the first part)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "logs" / "metrics.csv")))
+    assert [int(r["step"]) for r in rows if r.get("loss")] == list(range(steps))
+    assert run_loss == ref_loss
     # the final checkpoints agree on step count, optimizer moments and LR schedule position
     a = safe_torch_load(tmp_path / "ref" / "checkpoints" / "last.ckpt")
     b = safe_torch_load(last)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..clip import zero_shot
 from ..data import CaptionedFolder, find_pairs, split_pairs
 from ..evaluation import encode_dataset, evaluate_dalle
+from ..files import read_text
 from ..pipeline import DALLEPipeline
 from ..rerank import rank
 from ..sampling import SamplingOptions
@@ -28,10 +29,10 @@ def read_prompts(path: str | Path) -> list[dict[str, str | None]]:
     """Prompts with optional labels: JSONL ``{"prompt": ..., "label": ...}``, or text lines
     ``label<TAB>prompt`` / ``prompt``. Blank lines and ``#`` comments are skipped."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"prompts file '{path}' does not exist")
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text(path, "list").splitlines(), 1):  # regular file, UTF-8
         line = line.strip()
         if not line or line.startswith("#"):
             continue

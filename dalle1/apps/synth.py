@@ -26,11 +26,21 @@ def class_seed(base: int, name: str, index: int) -> int:
     return base + (zlib.crc32(name.encode()) % 100_000) * 100_000 + index
 
 
+#: characters of a class name kept in its folder name (file systems allow 255 bytes)
+MAX_DIRNAME = 100
+
+
 def safe_dirname(name: str) -> str:
+    """A folder name for a class: unsafe characters become ``_``; a long name is cut and
+    given a hash of the full name, so two long names never share a folder."""
     cleaned = "".join(ch if ch.isalnum() or ch in "-_. " else "_" for ch in name).strip()
     if not cleaned or cleaned in (".", ".."):
         raise ValueError(f"class name {name!r} cannot be used as a folder name")
-    return cleaned.replace(" ", "_")
+    cleaned = cleaned.replace(" ", "_")
+    if len(cleaned.encode("utf-8")) > MAX_DIRNAME:
+        cut = cleaned.encode("utf-8")[: MAX_DIRNAME - 9].decode("utf-8", errors="ignore")
+        cleaned = f"{cut}-{zlib.crc32(name.encode()):08x}"
+    return cleaned
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -73,6 +83,8 @@ def synthesize(
     """
     if per_class < 1:
         raise ValueError(f"--per-class must be >= 1, got {per_class}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if len(set(classes)) != len(classes):
         raise ValueError("class names repeat")
     texts = label_texts(classes, templates)

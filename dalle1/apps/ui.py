@@ -22,7 +22,9 @@ notices on the page.
 
 The page runs on 127.0.0.1 with gradio's analytics off and a theme that uses
 the system's fonts only, so neither the server nor the browser reaches out to
-the network.
+the network. Uploads are capped at :data:`MAX_UPLOAD_BYTES` (gradio refuses a
+bigger file before storing it) and an image to edit at
+:data:`dalle1.images.MAX_INPUT_PIXELS` pixels.
 """
 
 from __future__ import annotations
@@ -38,10 +40,14 @@ from PIL import Image, ImageChops
 
 from ..data import find_pairs
 from ..editing import parse_box
+from ..images import check_pixels
 from ..pipeline import DALLEOutput, DALLEPipeline
 from ..sampling import SamplingOptions
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+#: the largest upload the page accepts (an image to edit; the model works at a few hundred px)
+MAX_UPLOAD_BYTES = 16 * 2**20
 
 LOCAL_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 LOCAL_MONO = ["ui-monospace", "monospace"]
@@ -169,6 +175,7 @@ def editor_parts(value: Any) -> tuple[Image.Image | None, Image.Image | None]:
     background = value.get("background")
     if background is None:
         return None, None
+    check_pixels(background, "the uploaded image")  # before any mask is resized to it
     mask = None
     for layer in value.get("layers") or []:
         if layer is None:
@@ -200,6 +207,7 @@ def edit(
     """
     if image is None:
         raise ValueError("upload or pick an image first")
+    check_pixels(image, "the uploaded image")
     if not prompt or not prompt.strip():
         raise ValueError("type a prompt describing the edited image")
     if mask is None and not box:
@@ -373,8 +381,10 @@ def launch(
     port: int = 7860,
     device: str = "cpu",
     block: bool = True,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
 ):
-    """Build the app and serve it locally (never shared through gradio's tunnel)."""
+    """Build the app and serve it locally (never shared through gradio's tunnel); uploads
+    over ``max_upload_bytes`` are refused by gradio before they are stored."""
     app = build_app(model, device)
     app.queue()
     app.launch(
@@ -386,5 +396,6 @@ def launch(
         theme=local_theme(),
         footer_links=[],
         quiet=not block,
+        max_file_size=max_upload_bytes,
     )
     return app

@@ -14,7 +14,7 @@ used are skipped and counted, never fatal. The modules, in import order:
 * ``shapes``, ``emoji`` — the built-in shapes set and the Noto emoji set.
 
 Pixels (decoding, conversion rules, resizing) are :mod:`dalle1.images`'; this
-package imports nothing of dalle1 but the ground floor (config, files, images).
+package imports nothing of dalle1 but the ground floor (files, config, images).
 """
 
 from .folder import CaptionedFolder, find_pairs, split_pairs

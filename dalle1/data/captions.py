@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import UnsafeFileError, open_regular
 from .problems import DataProblems, current_problems
 
 MAX_CAPTION_CHARS = 4096  # characters kept per caption line
@@ -58,8 +59,12 @@ def split_caption_text(text: str) -> tuple[list[str], list[str]]:
 def read_caption_file(path: str | Path) -> tuple[list[str], list[str]]:
     """A caption file -> (caption lines, conversion notes). Unreadable files give no lines."""
     try:
-        with open(path, "rb") as fh:
+        with open_regular(path, "caption") as fh:  # never a pipe: it would block forever
             raw = fh.read(MAX_CAPTION_BYTES + 1)
+    except FileNotFoundError:
+        return [], ["caption file unreadable (No such file or directory)"]
+    except UnsafeFileError as err:
+        return [], [f"caption file unreadable ({err.reason})"]
     except OSError as err:
         return [], [f"caption file unreadable ({err.strerror})"]
     notes = []

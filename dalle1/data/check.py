@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..images import IMAGE_SUFFIXES, BadImageError, probe_image
 from .captions import read_caption_file
+from .folder import not_a_data_file
 from .problems import MAX_CONVERSION_RECORDS, DataProblems
 
 
@@ -27,7 +28,7 @@ def check_folder(
         raise FileNotFoundError(f"data folder '{root}' does not exist")
     problems = DataProblems()
     usable = 0
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    files = sorted(p for p in root.rglob("*") if not p.is_dir())  # pipes and devices too
     stems = {p.with_suffix("") for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
     for path in tqdm(files, desc="checking", disable=not progress):
         suffix = path.suffix.lower()
@@ -36,6 +37,10 @@ def check_folder(
                 problems.record(path, "caption without an image: ignored", "converted")
             continue
         if suffix not in IMAGE_SUFFIXES:
+            continue
+        reason = not_a_data_file(path)
+        if reason is not None:  # the same rule as training: never opened
+            problems.record(path, reason)
             continue
         caption = path.with_suffix(".txt")
         if not caption.exists():

@@ -16,9 +16,21 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..files import UnsafeFileError, regular_file
 from ..images import IMAGE_SUFFIXES, BadImageError, load_image, probe_image
 from .captions import pick_caption, read_captions
 from .problems import DataProblems, current_problems
+
+
+def not_a_data_file(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an image file (a named pipe, a device, too big …), or None."""
+    if path.is_dir():
+        return "a directory"
+    try:
+        regular_file(path, "image")
+    except (UnsafeFileError, FileNotFoundError) as err:  # FileNotFoundError: a dangling link
+        return getattr(err, "reason", "file not found")
+    return None
 
 
 def find_pairs(root: str | Path, problems: DataProblems | None = None) -> list[tuple[Path, Path]]:
@@ -32,8 +44,12 @@ def find_pairs(root: str | Path, problems: DataProblems | None = None) -> list[t
         raise FileNotFoundError(f"data folder '{root}' does not exist")
     pairs = []
     for image in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        reason = not_a_data_file(image)
         caption = image.with_suffix(".txt")
-        if caption.exists():
+        if reason is not None:  # a named pipe would block the reader forever
+            if reason != "a directory":
+                (problems or current_problems()).record(image, reason)
+        elif caption.exists():
             pairs.append((image, caption))
         else:
             (problems or current_problems()).record(image, "no same-stem .txt caption")

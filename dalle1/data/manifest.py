@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
 
+from ..files import read_text
 from .captions import as_caption_lines, caption_source_lines
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
@@ -28,7 +30,7 @@ def read_manifest(path: str | Path) -> list[tuple[Path, list[str]]]:
     if path.suffix.lower() not in MANIFEST_SUFFIXES:
         raise ValueError(f"manifest '{path}' must end in .jsonl or .csv")
     rows: list[tuple[int, dict]] = []
-    with path.open(encoding="utf-8", newline="") as fh:
+    with io.StringIO(read_text(path, "manifest"), newline="") as fh:  # regular file, UTF-8
         if path.suffix.lower() == ".csv":
             reader = csv.DictReader(fh)
             rows = [(i + 2, row) for i, row in enumerate(reader)]  # line 1 is the header
@@ -49,8 +51,10 @@ def read_manifest(path: str | Path) -> list[tuple[Path, list[str]]]:
             if row.get(key) is None:
                 raise ValueError(f"{path}:{line}: missing the '{key}' column")
         image = path.parent / str(row["file_name"])
-        if not image.is_file():
+        if not image.exists():
             raise FileNotFoundError(f"{path}:{line}: image '{image}' does not exist")
+        if not image.is_file():  # a folder; pipes and devices are skipped when read
+            raise ValueError(f"{path}:{line}: image '{image}' is not a file")
         out.append((image, as_caption_lines(row["text"])))
     if not out:
         raise ValueError(f"manifest '{path}' lists no images")

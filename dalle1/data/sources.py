@@ -36,7 +36,7 @@ def data_format(cfg) -> str:
     return "folder"
 
 
-def load_pairs(cfg) -> list[tuple[Path, Path | list[str]]]:
+def load_pairs(cfg, problems=None) -> list[tuple[Path, Path | list[str]]]:
     """(image, caption source) pairs of a folder or manifest dataset, in a fixed order.
 
     The caption source is the ``.txt`` file (folder) or the list of lines
@@ -45,7 +45,7 @@ def load_pairs(cfg) -> list[tuple[Path, Path | list[str]]]:
     """
     fmt = data_format(cfg)
     if fmt == "folder":
-        return find_pairs(cfg.path)
+        return find_pairs(cfg.path, problems)
     if fmt == "manifest":
         return read_manifest(manifest_path(cfg.path))
     raise ValueError(

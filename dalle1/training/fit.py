@@ -25,12 +25,12 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
 
 from ..checkpoint import (
     ModelFolderError,
     export_model,
     load_parts,
+    load_tokenizer,
     load_vae,
     read_json,
     save_clip,
@@ -41,7 +41,7 @@ from ..data import data_format, load_pairs, split_pairs
 from ..data.problems import current_problems, use_problem_log
 from ..data.sources import ensure_dataset
 from ..evaluation import evaluate_dalle, evaluate_vae, retrieval_accuracy
-from ..files import atomic_write, remove_stale_temporaries
+from ..files import atomic_write, recover_folder, remove_stale_temporaries
 from ..recommend import Recommended, choose, options_from_dict, save_recommended
 from ..text import TextTokenizer, auto_text_len
 from ..transformer import StreamShape
@@ -49,9 +49,14 @@ from .datamodule import CodesDataModule, ImagesDataModule
 from .resilience import (
     AtomicCheckpointIO,
     DataReportCallback,
+    HistoryCSVLogger,
     InterruptCheckpoint,
+    LogHistoryCallback,
     ResumeStateCallback,
     TrainingInterrupted,
+    check_trainer_settings,
+    check_training_result,
+    prepare_out_dir,
 )
 from .systems import CLIPModule, DALLEModule, VAEModule
 from .watch import SampleGrids, ValidationReport, keep_in_model_folder
@@ -64,7 +69,9 @@ logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARN
 logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
 
 
-def fit(config: Config, resume: bool = False, callbacks: list | None = None) -> Path:
+def fit(
+    config: Config, resume: bool = False, callbacks: list | None = None, overwrite: bool = False
+) -> Path:
     """Train the stage ``config.train.stage`` names; returns the exported model folder.
 
     ``data.format`` (or what ``data.path`` looks like) picks the reader: a folder
@@ -72,15 +79,21 @@ def fit(config: Config, resume: bool = False, callbacks: list | None = None) -> 
     VAE stage reads them directly, split across ranks; the transformer stage
     encodes them once, or reads ``data.codes`` from ``dalle1 data encode``).
     ``callbacks`` are extra Lightning callbacks for the trainer.
+
+    Checked before any data is read (:mod:`dalle1.training.resilience`): ``out_dir`` is a
+    writable folder, not one holding an earlier run (``resume`` continues that run,
+    ``overwrite`` deletes it first), and Lightning accepts the trainer settings. A run that
+    trains nothing or ends with NaN/Inf weights raises instead of exporting.
     """
     t = config.train
+    out = prepare_out_dir(config, resume, overwrite)
+    check_trainer_settings(config)
     if t.threads:
         torch.set_num_threads(t.threads)
     L.seed_everything(t.seed, workers=True, verbose=False)
-    out = Path(t.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     config.save_json(out / "config.json")
     remove_stale_temporaries(out / "checkpoints")  # half-written files of a killed run
+    recover_folder(out / "model")  # and a model export it killed mid-swap
     # files skipped / converted: this run's record, appended to by DataLoader workers too
     (out / "data_problems.jsonl").unlink(missing_ok=True)
     use_problem_log(out / "data_problems.jsonl")
@@ -91,6 +104,11 @@ def fit(config: Config, resume: bool = False, callbacks: list | None = None) -> 
     if fmt != "webdataset" and not (t.stage == "dalle" and config.data.codes):
         pairs = load_pairs(config.data)
         train_pairs, val_pairs = split_pairs(pairs, config.data.val_fraction, config.data.seed)
+        if not train_pairs:
+            raise ValueError(
+                f"data.val_fraction={config.data.val_fraction} holds out all {len(pairs)} "
+                f"pairs of '{config.data.path}': nothing is left to train on"
+            )
     ckpt_path = _resume_path(out) if resume else None
     if t.stage == "vae":
         return _fit_vae(config, out, train_pairs, val_pairs, ckpt_path, callbacks)
@@ -127,6 +145,7 @@ def _fit_vae(config: Config, out: Path, train_pairs, val_pairs, ckpt_path, callb
     trainer = make_trainer(config, out, callbacks)
     data = ImagesDataModule(config, config.vae.image_size, train_pairs, val_pairs)
     _train(trainer, module, data, ckpt_path)
+    check_training_result(trainer, module, "vae")
     vae = module.vae.eval()
     if not trainer.is_global_zero:
         return out / "model"
@@ -178,6 +197,7 @@ def _fit_dalle(
         ]
     trainer = make_trainer(config, out, [*grids, *(callbacks or [])])
     _train(trainer, module, data, ckpt_path)
+    check_training_result(trainer, module, "dalle")
     dalle = module.dalle.eval()
     if not trainer.is_global_zero:
         return out / "model"
@@ -259,8 +279,12 @@ def fit_clip(config: Config, out: Path, train_pairs: list, val_pairs: list, ckpt
         raise ModelFolderError(
             f"clip.model '{model}' is not a model folder with tokenizer.json and dalle/"
         )
-    text_len = read_json(model / "dalle" / "config.json")["stream"]["text_len"]
-    tokenizer = TextTokenizer.load(model / "tokenizer.json", text_len)
+    stream = read_json(model / "dalle" / "config.json", model).get("stream")
+    if not isinstance(stream, dict) or not isinstance(stream.get("text_len"), int):
+        raise ModelFolderError(
+            f"'{model / 'dalle' / 'config.json'}': missing key 'stream.text_len'"
+        )
+    tokenizer = load_tokenizer(model / "tokenizer.json", stream["text_len"], root=model)
     size = config.clip.image_size or config.data.image_size
     clip = CLIPScorer(
         config.clip, tokenizer.vocab_size, tokenizer.text_len, tokenizer.bpe_vocab_size, size
@@ -270,6 +294,7 @@ def fit_clip(config: Config, out: Path, train_pairs: list, val_pairs: list, ckpt
     # held-out pairs for retrieval; with none held out, all training pairs
     data = ImagesDataModule(config, size, train_pairs, val_pairs, tokenizer, val_stand_in=None)
     _train(trainer, module, data, ckpt_path)
+    check_training_result(trainer, module, "clip")
     clip = module.clip.eval()
     if not trainer.is_global_zero:
         return model
@@ -394,10 +419,11 @@ def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.grad_clip or None,
         log_every_n_steps=t.log_every,
-        logger=CSVLogger(out, name="logs", version=""),
+        logger=HistoryCSVLogger(out, name="logs", version=""),  # one history across resumes
         callbacks=[
             ckpt,
             ResumeStateCallback(),
+            LogHistoryCallback(),
             DataReportCallback(current_problems()),
             InterruptCheckpoint(out / "checkpoints" / "last.ckpt"),
             ValidationReport(out, f"stage {t.stage}"),
