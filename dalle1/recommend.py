@@ -11,8 +11,9 @@ config, :class:`dalle1.config.SampleConfig`): every combination of option values
 sampled, each image is scored by the model's own **judge** and the simplest setting
 whose mean score lies within one standard error of the best one wins (the "one
 standard error" rule: a noisy sweep should not buy extra guidance or extra candidates
-for a difference it cannot resolve). The judge asks, for each image, how many of the
-other held-out captions rank below the image's own caption (a win rate in [0, 1]):
+for a difference it cannot resolve). The judge asks, for each image, whether its own
+caption fits it better than every rival held-out caption (the share of images for
+which it does is the setting's score: "samples matching their caption"):
 
 * with a contrastive scorer (``clip/``): by the cosine of image and caption;
 * without one: by the transformer's log-likelihood of the image's codes given each
@@ -156,8 +157,8 @@ def judge_images(
     rivals_per_image: int = 7,
     batch_size: int = 256,
 ) -> torch.Tensor:
-    """The judge's win rate of each image (M, 3, H, W) for its own caption ``prompts[own]``:
-    the share of rival captions that fit the image worse, ties counted half: (M,) in [0, 1].
+    """The judge's verdict on each image (M, 3, H, W) for its own caption ``prompts[own]``:
+    1 when the caption fits it better than every rival caption, else 0: (M,).
 
     Fit is the clip cosine (every other caption is a rival), or without a scorer the
     transformer's summed log-likelihood of the image's re-encoded codes given the caption
@@ -182,7 +183,7 @@ def judge_images(
             ]
         ).view(columns.shape)
     mine, others = fit[:, :1], fit[:, 1:]
-    return ((others < mine).float() + 0.5 * (others == mine).float()).mean(1)
+    return (others < mine).all(1).float()
 
 
 # --- the sweep ----------------------------------------------------------------------------

@@ -393,6 +393,19 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         pass  # the bar closes at the end of training, not of an epoch
 
+    # validation passes print one line each (training.watch.ValidationReport), no bar of their own
+    def on_validation_start(self, trainer, pl_module) -> None:
+        pass
+
+    def on_validation_batch_start(self, *args, **kwargs) -> None:
+        pass
+
+    def on_validation_batch_end(self, *args, **kwargs) -> None:
+        pass
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        pass
+
     def on_train_end(self, trainer, pl_module) -> None:
         self.train_progress_bar.n = trainer.global_step
         self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
