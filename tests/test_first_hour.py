@@ -312,6 +312,14 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(tmp_path):
     b = load_file(tmp_path / "run/model/vae/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # as if never interrupted
 
+    def logged(out):  # step -> training loss, from the run's log history
+        rows = [r for r in csv.DictReader(open(out / "logs" / "metrics.csv")) if r.get("loss")]
+        return [int(r["step"]) for r in rows], {int(r["step"]): r["loss"] for r in rows}
+
+    (ref_steps, ref_loss), (run_steps, run_loss) = logged(tmp_path / "ref"), logged(tmp_path / "run")
+    assert run_steps == sorted(set(run_steps)) == ref_steps == list(range(steps))  # each once
+    assert run_loss == ref_loss
+
 
 # --- self-contained model folders ----------------------------------------------------------
 
