@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test install lint format clean
+.PHONY: demo test install lint format clean explain-docs
 
 $(STAMP): pyproject.toml setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,16 +35,27 @@ demo: $(STAMP)
 	$(PY) sample.py --model outputs/demo/dalle/model $(DEMO_PROMPTS) \
 		--num-images 8 --seed 0 --out outputs/demo
 
+# The pictures of docs/tour.md (docs/images/tour/) are the demo model's: `make demo` first
+# (it is reused when there). The notebook docs/tour.ipynb is rebuilt from docs/tour.py.
+EXPLAIN_ARGS := --prompt "a red circle" --seed 0 --edit-image data/shapes/000021.png \
+	--edit-prompt "a blue circle" --edit-box 8,8,24,24
+
+explain-docs: $(STAMP)
+	test -f outputs/demo/dalle/model/config.json || $(MAKE) demo
+	rm -rf docs/images/tour
+	$(VENV)/bin/dalle1 explain --model outputs/demo/dalle/model --out docs/images/tour $(EXPLAIN_ARGS)
+	$(VENV)/bin/jupytext --quiet --update --to ipynb docs/tour.py -o docs/tour.ipynb
+
 test: $(UI_STAMP)
 	$(PY) -m pytest tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check dalle1 tests train.py sample.py benchmarks
-	$(VENV)/bin/ruff format --check dalle1 tests train.py sample.py benchmarks
+	$(VENV)/bin/ruff check dalle1 tests train.py sample.py benchmarks docs/tour.py
+	$(VENV)/bin/ruff format --check dalle1 tests train.py sample.py benchmarks docs/tour.py
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format dalle1 tests train.py sample.py benchmarks
-	$(VENV)/bin/ruff check --fix dalle1 tests train.py sample.py benchmarks
+	$(VENV)/bin/ruff format dalle1 tests train.py sample.py benchmarks docs/tour.py
+	$(VENV)/bin/ruff check --fix dalle1 tests train.py sample.py benchmarks docs/tour.py
 
 clean:
 	rm -rf outputs data lightning_logs

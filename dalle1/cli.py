@@ -49,7 +49,8 @@ from .evaluation import evaluate_vae
 from .files import read_text
 from .images import load_image, open_input, save_grid, stack_images
 from .pipeline import DALLEPipeline, check_count
-from .recommend import Recommended
+from .planning import GPUS, PlanOptions, format_plans, plan
+from .recommend import Recommended, load_recommended
 from .sampling import SamplingOptions
 
 USER_ERRORS = (ConfigError, ModelFolderError, FileNotFoundError, ValueError)
@@ -676,11 +677,17 @@ def add_explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder written by train.py")
     p.add_argument("--out", default="outputs/explain", help="folder for the pictures")
     p.add_argument("--prompt", default=None, help="caption for the stream layout and animation")
-    p.add_argument("--seed", type=int, default=0, help="seed of the animated sample")
     p.add_argument(
-        "--images", nargs="*", default=None, help="images to reconstruct (default: the data folder)"
+        "--images",
+        nargs="*",
+        default=None,
+        help="images to reconstruct (default: the model folder's examples/)",
     )
     p.add_argument("--schedule-only", action="store_true", help="draw only the configured masks")
+    p.add_argument("--edit-image", default=None, help="image to edit (default: the first example)")
+    p.add_argument("--edit-prompt", default=None, help="caption of the edit (default: --prompt)")
+    p.add_argument("--edit-box", default=None, help="x0,y0,x1,y1 pixels (default: the middle half)")
+    add_sampling_args(p, "the animated sample uses --seed")
 
 
 @command("explain", add_explain_args)
@@ -693,6 +700,11 @@ def run_explain(args: argparse.Namespace) -> None:
         seed=args.seed,
         images=args.images,
         all_kinds=not args.schedule_only,
+        edit_image=args.edit_image,
+        edit_prompt=args.edit_prompt,
+        edit_box=None if args.edit_box is None else parse_box(args.edit_box),
+        options=sampling_options(args, load_recommended(args.model).options),
+        device=check_device(args.device),
     )
     for name in result.files:
         print(f"wrote {Path(args.out) / name}")
@@ -752,6 +764,64 @@ def run_eval_vae(args: argparse.Namespace) -> None:
             with torch.no_grad():
                 recons = vae.decode(vae.encode(originals))
             save_grid(torch.cat([originals, recons]), out / "recon.png", nrow=n, scale=args.scale)
+
+
+# --- plan: parameters, memory per GPU, FLOPs, step time and decode speed of a config ---------
+
+
+def add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config of a transformer stage")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="GPU counts to plan for, one column each (default: train.devices x train.num_nodes)",
+    )
+    p.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU model (datasheet)")
+    p.add_argument(
+        "--strategy", choices=("fsdp", "ddp"), default=None, help="default: train.strategy"
+    )
+    p.add_argument("--precision", default=None, help="default: train.precision")
+    p.add_argument("--micro-batch", type=int, default=1, help="samples per GPU per forward pass")
+    p.add_argument(
+        "--global-batch",
+        type=int,
+        default=0,
+        help="samples per optimizer step (default: data.batch_size x GPUs of the config x accumulation)",
+    )
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed MFU for the step time")
+    p.add_argument("--decode-batch", type=int, default=64, help="images decoded at once")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+
+
+@command("plan", add_plan_args)
+def run_plan(args: argparse.Namespace) -> None:
+    """Plan a run: parameters, memory per GPU, FLOPs, step time, decode tokens/s (no GPU needed)."""
+    config = load_config(args.config, args.overrides)
+    t = config.train
+    devices = t.devices if isinstance(t.devices, int) and t.devices > 0 else 1
+    strategy = args.strategy or ("fsdp" if t.strategy == "fsdp" else "ddp")
+    plans = [
+        plan(
+            config,
+            PlanOptions(
+                gpus=gpus,
+                gpu=args.gpu,
+                strategy=strategy,
+                precision=args.precision or t.precision,
+                micro_batch=args.micro_batch,
+                global_batch=args.global_batch,
+                checkpointing=t.activation_checkpointing,
+                mfu=args.mfu,
+                decode_batch=args.decode_batch,
+            ),
+        )
+        for gpus in args.gpus or [devices * t.num_nodes]
+    ]
+    print(json.dumps(plans, indent=2) if args.json else format_plans(plans))
 
 
 # --- errors: one line naming the file or the key, exit status 2 -----------------------------

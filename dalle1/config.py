@@ -137,7 +137,10 @@ class TrainConfig:
     accelerator: str = "auto"  # cpu | gpu | auto
     devices: Any = 1
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | fsdp
+    strategy: str = "auto"  # auto | ddp | fsdp (the transformer sharded per layer, FSDP2)
+    activation_checkpointing: bool = False  # recompute each transformer layer in backward
+    # peak FLOP/s of one device for the MFU in the log; 0 = A100/H100/H200 datasheet, else measured
+    peak_flops: float = 0.0
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
     accumulate_grad_batches: int = 1
     log_every: int = 10
@@ -449,6 +452,7 @@ RANGES: dict[str, Range] = {
             "val_every",
             "val_batches",
             "threads",
+            "peak_flops",
         )
     },
     "train.lr": ABOVE_ZERO,

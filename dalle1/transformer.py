@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from x_transformers import Decoder
+from x_transformers.x_transformers import LayerNorm as XLayerNorm
 
 from .config import DALLEConfig
 from .masks import KINDS, layer_kinds, mask_to_bias, stream_mask
@@ -64,6 +65,22 @@ def _layer_parts(layer: Decoder) -> tuple[nn.Module, nn.Module, nn.Module, nn.Mo
     first), [its norms (the pre-norm first), the block, the residual] (x-transformers 2.x)."""
     attn_block, ff_block = layer.layers
     return attn_block[0][0], attn_block[1], ff_block[0][0], ff_block[1]
+
+
+def init_weights(module: nn.Module) -> None:
+    """The constructors' own initialisation, again, of ``module`` and everything in it.
+
+    For a model materialised with ``to_empty`` (built on the meta device): torch layers'
+    ``reset_parameters`` (and :meth:`DALLE.reset_parameters`, the mask buffers), and
+    x-transformers' LayerNorm gain, which has no such method. Module by module in
+    registration order, which is the order the constructors drew their random numbers:
+    with the same seed, a materialised model equals one built directly.
+    """
+    for m in module.modules():
+        if isinstance(m, XLayerNorm):
+            nn.init.constant_(m.gamma, 1.0 - float(m.unit_offset))
+        elif callable(getattr(m, "reset_parameters", None)):
+            m.reset_parameters()
 
 
 @dataclass
@@ -131,16 +148,29 @@ class DALLE(nn.Module):
         self.kinds = list(kinds) if kinds is not None else layer_kinds(cfg.depth, cfg.attention)
         if len(self.kinds) != cfg.depth or not set(self.kinds) <= set(KINDS):
             raise ValueError(f"kinds must name one of {KINDS} per layer ({cfg.depth}): {kinds}")
-        for kind in set(self.kinds) - {"dense"}:
-            mask = stream_mask(kind, shape.text_len, shape.grid, cfg.conv_kernel)
-            self.register_buffer(f"bias_{kind}", mask_to_bias(mask), persistent=False)
-            self.register_buffer(f"mask_{kind}", mask, persistent=False)
-            # row p: the key positions query p may attend, ascending, then padding
-            keys = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)
-            self.register_buffer(
-                f"keys_{kind}", keys[:, : int(mask.sum(1).max())], persistent=False
-            )
-            self._key_counts[kind] = mask.sum(1).tolist()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """(Re)compute the mask-derived buffers: the model's own state that is not a parameter.
+
+        They are made on the CPU whatever the default device (building on the meta device
+        must not need ``.item()`` of a meta tensor), then placed where the model's other
+        buffers already are: so after ``to_empty(device=...)`` this restores them exactly.
+        Parameters are left to the sub-modules (:func:`init_weights`).
+        """
+        device = next(self.buffers(recurse=False), self.norm.weight).device
+        device = torch.device("cpu") if device.type == "meta" else device
+        for kind in sorted(set(self.kinds) - {"dense"}):
+            with torch.device("cpu"):
+                mask = stream_mask(kind, self.shape.text_len, self.shape.grid, self.cfg.conv_kernel)
+                # row p: the key positions query p may attend, ascending, then padding
+                keys = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)
+                counts = mask.sum(1)
+                bias = mask_to_bias(mask)
+            buffers = {"bias": bias, "mask": mask, "keys": keys[:, : int(counts.max())]}
+            for name, value in buffers.items():
+                self.register_buffer(f"{name}_{kind}", value.to(device), persistent=False)
+            self._key_counts[kind] = counts.tolist()
 
     # --- the stream -------------------------------------------------------------------
 

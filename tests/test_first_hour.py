@@ -316,7 +316,10 @@ def test_ctrl_c_saves_a_checkpoint_that_resume_continues(tmp_path):
         rows = [r for r in csv.DictReader(open(out / "logs" / "metrics.csv")) if r.get("loss")]
         return [int(r["step"]) for r in rows], {int(r["step"]): r["loss"] for r in rows}
 
-    (ref_steps, ref_loss), (run_steps, run_loss) = logged(tmp_path / "ref"), logged(tmp_path / "run")
+    (ref_steps, ref_loss), (run_steps, run_loss) = (
+        logged(tmp_path / "ref"),
+        logged(tmp_path / "run"),
+    )
     assert run_steps == sorted(set(run_steps)) == ref_steps == list(range(steps))  # each once
     assert run_loss == ref_loss
 

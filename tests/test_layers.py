@@ -5,7 +5,7 @@ The order is also the reading order (README, docs/tour.md):
     ground floor   files, config, images
     the paper      text, vae, masks, transformer, sampling, clip, editing, rerank
     data/          imports the ground floor only
-    assembly       checkpoint, codes, evaluation, recommend, pipeline
+    assembly       checkpoint, codes, evaluation, recommend, planning, pipeline
     training/      never the pipeline
     apps/          programs on top of the pipeline
     cli            the command line
@@ -54,17 +54,27 @@ ORDER: dict[str, tuple[int, ...]] = {
     "codes": (14,),
     "evaluation": (15,),
     "recommend": (15, 5),
+    "planning": (15, 5),
     "pipeline": (16,),
     "": (16, 9),  # the face, dalle1/__init__.py
     "training.resilience": (17, 1),
+    "training.sharding": (17, 1),
     "training.systems": (17, 2),
     "training.datamodule": (17, 2),
+    "training.throughput": (17, 2),
     "training.watch": (17, 2),
     "training.fit": (17, 3),
     "training": (17, 9),
     "apps.evaluate": (18, 1),
     "apps.synth": (18, 1),
-    "apps.explain": (18, 1),
+    "apps.explain.figures": (18, 1, 1),
+    "apps.explain.stream": (18, 1, 2),
+    "apps.explain.attention": (18, 1, 2),
+    "apps.explain.tokens": (18, 1, 2),
+    "apps.explain.generation": (18, 1, 2),
+    "apps.explain.curves": (18, 1, 2),
+    "apps.explain.tour": (18, 1, 3),
+    "apps.explain": (18, 1, 9),  # the face, dalle1/apps/explain/__init__.py
     "apps.ui": (18, 1),
     "apps": (18, 9),
     "cli": (19,),

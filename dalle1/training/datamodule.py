@@ -110,11 +110,16 @@ def image_text_collate(tokenizer: TextTokenizer) -> Callable:
     return collate
 
 
-def _loader(dataset: Dataset, config: Config, collate=None, shuffle: bool = True) -> DataLoader:
+def _loader(
+    dataset: Dataset, config: Config, collate=None, shuffle: bool = True, trainer=None
+) -> DataLoader:
     d = config.data
     shuffle = shuffle and not isinstance(dataset, IterableDataset)  # streams shuffle themselves
     if shuffle:  # order = f(seed, epoch, position): --resume continues with the very next batch
-        return resumable_loader(dataset, d.batch_size, config.train.seed, d.num_workers, collate)
+        rank, ranks = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        return resumable_loader(
+            dataset, d.batch_size, config.train.seed, d.num_workers, collate, rank, ranks
+        )
     return DataLoader(
         dataset,
         batch_size=d.batch_size,
@@ -184,7 +189,7 @@ class ImagesDataModule(L.LightningDataModule):
         self.val_set = val
 
     def train_dataloader(self) -> DataLoader:
-        return _loader(self.train_set, self.config, self.collate)
+        return _loader(self.train_set, self.config, self.collate, trainer=self.trainer)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation reads held-out pairs only, never the training stand-in."""
@@ -259,7 +264,7 @@ class CodesDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.collate is None:
             raise RuntimeError("CodesDataModule.connect(tokenizer) must come before training")
-        return _loader(self.train_set, self.config, self.collate)
+        return _loader(self.train_set, self.config, self.collate, trainer=self.trainer)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_codes is None or self.collate is None:

@@ -9,7 +9,9 @@ held-out figures to ``train.out_dir/metrics.json``, and exports the model folder
 to ``train.out_dir/model``.
 
 Multi-GPU / multi-node training is Lightning's job: ``train.strategy``,
-``train.devices`` and ``train.num_nodes`` go straight to its ``Trainer``.
+``train.devices`` and ``train.num_nodes`` go straight to its ``Trainer``, except
+``train.strategy: fsdp``, which shards the transformer per layer with FSDP2
+(:mod:`dalle1.training.sharding`).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from ..checkpoint import (
     save_clip,
 )
 from ..clip import CLIPScorer
-from ..config import Config
+from ..config import Config, TrainConfig
 from ..data import data_format, load_pairs, split_pairs
 from ..data.problems import current_problems, use_problem_log
 from ..data.sources import ensure_dataset
@@ -56,9 +58,12 @@ from .resilience import (
     TrainingInterrupted,
     check_trainer_settings,
     check_training_result,
+    is_primary_process,
     prepare_out_dir,
 )
+from .sharding import ShardedDataParallel, gathered_model
 from .systems import CLIPModule, DALLEModule, VAEModule
+from .throughput import ThroughputCallback
 from .watch import SampleGrids, ValidationReport, keep_in_model_folder
 
 # Lightning 2.6 warns about its own use of torch's pytree API on every run; not ours to fix.
@@ -87,7 +92,7 @@ def fit(
     """
     t = config.train
     out = prepare_out_dir(config, resume, overwrite)
-    check_trainer_settings(config)
+    check_trainer_settings(config, trainer_strategy(config.train))
     if t.threads:
         torch.set_num_threads(t.threads)
     L.seed_everything(t.seed, workers=True, verbose=False)
@@ -195,12 +200,16 @@ def _fit_dalle(
         grids = [
             SampleGrids(out, config.train.sample_every, shown, tokenizer, vae, options=options)
         ]
-    trainer = make_trainer(config, out, [*grids, *(callbacks or [])])
+    throughput = ThroughputCallback(config.train.peak_flops, config.train.log_every)
+    trainer = make_trainer(config, out, [throughput, *grids, *(callbacks or [])])
     _train(trainer, module, data, ckpt_path)
-    check_training_result(trainer, module, "dalle")
-    dalle = module.dalle.eval()
-    if not trainer.is_global_zero:
+    dalle = gathered_model(module.dalle, trainer.global_rank)  # sharded: whole on rank 0 only
+    # sharded, the weights are checked once gathered (rank 0); the other ranks check the steps
+    whole = module if dalle is module.dalle else dalle
+    check_training_result(trainer, whole if whole is not None else torch.nn.Module(), "dalle")
+    if dalle is None or not trainer.is_global_zero:
         return out / "model"
+    dalle.eval()
     if data.val_codes is not None:
         _write_metrics(out, evaluate_dalle(dalle, tokenizer, data.val_codes, data.val_captions))
     folder = export_model(out / "model", config, vae, dalle, tokenizer)
@@ -340,8 +349,12 @@ def _tokenizer(config: Config, out: Path, captions: list[str]) -> TextTokenizer:
         tokenizer = TextTokenizer.train(
             captions, tx.vocab_size, fixed, tx.bpe_dropout, tx.lowercase
         )
-        # a run killed here never leaves half a tokenizer for --resume
-        atomic_write(path, lambda fh: fh.write(tokenizer.tokenizer.to_str(pretty=True).encode()))
+        # the other ranks train the same BPE but leave the file to rank 0: one that runs ahead
+        # (rank 0 still exporting a previous run) would make rank 0 see a used out_dir
+        if is_primary_process():  # a run killed here never leaves half a tokenizer for --resume
+            atomic_write(
+                path, lambda fh: fh.write(tokenizer.tokenizer.to_str(pretty=True).encode())
+            )
     counts = tokenizer.token_counts(captions)
     if tx.text_len == "auto":
         tokenizer = tokenizer.with_text_len(auto_text_len(counts))
@@ -415,7 +428,12 @@ class StepProgressBar(TQDMProgressBar):
 def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.Trainer:
     t = config.train
     ckpt = ModelCheckpoint(
-        dirpath=out / "checkpoints", every_n_train_steps=t.ckpt_every, save_last=True, save_top_k=1
+        dirpath=out / "checkpoints",
+        every_n_train_steps=t.ckpt_every,
+        # a sharded checkpoint is a folder as large as the training state: write it once and
+        # point last.ckpt at it instead of writing it twice
+        save_last="link" if _sharded(t.strategy) else True,
+        save_top_k=1,
     )
     bar = StepProgressBar(f"training {t.stage}")
     # held-out validation every val_every optimizer steps (Lightning counts batches)
@@ -427,7 +445,7 @@ def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=trainer_strategy(t),
         precision=t.precision,
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.grad_clip or None,
@@ -450,8 +468,22 @@ def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.
         limit_val_batches=t.val_batches if validate else 0,
         val_check_interval=t.val_every * t.accumulate_grad_batches if validate else None,
         check_val_every_n_epoch=None if validate else 1,
+        use_distributed_sampler=False,  # ResumableSampler deals each pass out over the ranks
         num_sanity_val_steps=0,
     )
+
+
+def trainer_strategy(t: TrainConfig):
+    """Lightning's strategy for ``train.strategy``: ``fsdp`` is dalle1's FSDP2 set-up
+    (:class:`~dalle1.training.sharding.ShardedDataParallel`), anything else Lightning's own."""
+    if t.strategy != "fsdp":
+        return t.strategy
+    if t.stage != "dalle":
+        raise ValueError(
+            f"train.strategy=fsdp shards the transformer (train.stage dalle); "
+            f"train stage {t.stage} with train.strategy=ddp"
+        )
+    return ShardedDataParallel()
 
 
 def _sharded(strategy) -> bool:

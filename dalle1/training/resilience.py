@@ -157,11 +157,20 @@ class ResumableSampler(Sampler[int]):
     rather than trusting the trainer's epoch number, which Lightning advances
     by one extra when it resumes from a checkpoint taken on an epoch's last
     batch. :class:`ResumableLoader` sets :attr:`next_epoch` and :attr:`skip`
-    (samples of that pass already trained on) when a run resumes.
+    (samples of that pass already trained on, over all ranks) when a run resumes.
+
+    With ``ranks`` > 1 (DDP, FSDP) the pass is dealt out: rank ``r`` takes positions
+    ``r, r + ranks, …`` of the one order, so a step of ``ranks`` batches of ``b`` trains on
+    the same samples as one batch of ``ranks × b`` in a single process, and a resumed run
+    continues where every rank stopped. (Lightning's own DistributedSampler reshuffles
+    the order per rank, which neither a restart nor a single process can follow.)
     """
 
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True):
+    def __init__(
+        self, size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, ranks: int = 1
+    ):
         self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.rank, self.ranks = rank, ranks
         self.epoch = -1  # the pass in progress
         self.next_epoch = 0
         self.skip = 0
@@ -178,11 +187,13 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self.next_epoch, self.skip = epoch, epoch + 1, 0
         order = self.order(epoch)
         base = (self.seed * 1_000_003 + epoch) * (self.size + 1)
-        for position in range(skip, self.size):
+        stop = self.size - self.size % self.ranks  # every rank gets as many samples
+        start = skip - skip % self.ranks + self.rank
+        for position in range(start, stop, self.ranks):
             yield SeededIndex(order[position], base + position)
 
     def __len__(self) -> int:
-        return self.size
+        return self.size // self.ranks  # this rank's share of a pass
 
 
 class ResumableLoader(DataLoader):
@@ -198,13 +209,20 @@ class ResumableLoader(DataLoader):
         sampler = self.sampler
         if not isinstance(sampler, ResumableSampler) or self.progress is None:
             return {}
-        return {"epoch": sampler.epoch, "batches": int(self.progress()), "size": sampler.size}
+        batches = int(self.progress())
+        samples = batches * self.batch_size * sampler.ranks  # of the pass, over all ranks
+        return {
+            "epoch": sampler.epoch,
+            "batches": batches,
+            "samples": samples,
+            "size": sampler.size,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         sampler = self.sampler
         if not state or not isinstance(sampler, ResumableSampler):
             return
-        epoch, skip = state["epoch"], state["batches"] * self.batch_size
+        epoch, skip = state["epoch"], state.get("samples", state["batches"] * self.batch_size)
         if state.get("size") != sampler.size:
             log.warning(
                 "dataset size changed since the checkpoint (%s -> %s): the resumed epoch restarts",
@@ -212,25 +230,32 @@ class ResumableLoader(DataLoader):
                 sampler.size,
             )
             skip = 0
-        usable = (
-            (sampler.size // self.batch_size) * self.batch_size if self.drop_last else sampler.size
-        )
-        if skip >= usable:  # saved on the last batch of a pass: continue with the next pass
+        share = len(sampler)  # per rank and pass
+        usable = (share // self.batch_size) * self.batch_size if self.drop_last else share
+        if skip >= usable * sampler.ranks:  # saved on the last batch of a pass: the next pass
             epoch, skip = epoch + 1, 0
         sampler.next_epoch, sampler.skip = epoch, skip
 
 
 def resumable_loader(
-    dataset, batch_size: int, seed: int, num_workers: int = 0, collate_fn=None
+    dataset,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    collate_fn=None,
+    rank: int = 0,
+    ranks: int = 1,
 ) -> ResumableLoader:
-    """The training loader: reshuffled each epoch from ``seed``, resumable mid-epoch."""
+    """The training loader: reshuffled each epoch from ``seed``, resumable mid-epoch, dealt
+    out over ``ranks`` (the trainer is told not to add a DistributedSampler of its own)."""
+    sampler = ResumableSampler(len(dataset), seed, rank=rank, ranks=ranks)
     return ResumableLoader(
         dataset,
         batch_size=batch_size,
-        sampler=ResumableSampler(len(dataset), seed),
+        sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_fn,
-        drop_last=len(dataset) >= batch_size,
+        drop_last=len(sampler) >= batch_size,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),  # worker seeds: keep the global RNG out
     )
@@ -640,9 +665,11 @@ def check_same_architecture(config: Config, saved: Path) -> None:
             )
 
 
-def check_trainer_settings(config: Config) -> None:
+def check_trainer_settings(config: Config, strategy: Any = None) -> None:
     """Let Lightning check accelerator, devices, strategy and precision now, not after the
-    data is read and encoded: a throwaway ``Trainer`` is built (nothing runs)."""
+    data is read and encoded: a throwaway ``Trainer`` is built (nothing runs). ``strategy``:
+    the strategy the real trainer gets when it is not the ``train.strategy`` string (a
+    fresh instance: a strategy object serves one trainer)."""
     t = config.train
     quiet = logging.getLogger("lightning.pytorch")
     level = quiet.level
@@ -652,7 +679,7 @@ def check_trainer_settings(config: Config) -> None:
             accelerator=t.accelerator,
             devices=t.devices,
             num_nodes=t.num_nodes,
-            strategy=t.strategy,
+            strategy=t.strategy if strategy is None else strategy,
             precision=t.precision,
             accumulate_grad_batches=t.accumulate_grad_batches,
             max_steps=t.max_steps,

@@ -22,6 +22,7 @@ from ..images import save_grid
 from ..transformer import DALLE, StreamShape
 from ..vae import DiscreteVAE, codebook_usage, psnr
 from .resilience import check_loss
+from .sharding import build_dalle
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -103,10 +104,29 @@ class VAEModule(StageModule):
 
 
 class DALLEModule(StageModule):
+    """Stage ``dalle``. The transformer is built in :meth:`configure_model`, when Lightning
+    knows the device and (``train.strategy: fsdp``) the device mesh to shard it over."""
+
     def __init__(self, config: Config, shape: StreamShape, null_text: torch.Tensor):
         super().__init__(config)
-        self.dalle = DALLE(config.dalle, shape)
+        self.shape = shape
+        self.dalle: DALLE | None = None
         self.register_buffer("null_text", null_text, persistent=False)
+
+    def configure_model(self) -> None:
+        if self.dalle is not None:  # Lightning calls the hook again for each trainer entry
+            return
+        t = self.config.train
+        mesh = self.device_mesh["data_parallel"] if self.device_mesh is not None else None
+        self.dalle = build_dalle(
+            self.config.dalle,
+            self.shape,
+            self.trainer.strategy.root_device,
+            t.seed,
+            mesh=mesh,
+            precision=t.precision,
+            activation_checkpointing=t.activation_checkpointing,
+        )
 
     def training_step(self, batch, batch_idx):
         text, codes = batch

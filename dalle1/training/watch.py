@@ -231,7 +231,8 @@ def keep_in_model_folder(
     image_size: int = 0,
     inherit: Path | None = None,
 ) -> None:
-    """Copy this run's log (``history/<stage>.csv``, curves ``history/<stage>_loss.png``),
+    """Copy this run's log (``history/<stage>.csv``, curves ``history/<stage>_loss.png``,
+    held-out figures ``history/<stage>.json``),
     the history of the model folder it builds on (``inherit``, e.g. the VAE's), and held-out
     ``examples`` into ``folder``: nothing in it then refers to the training folder."""
     history = folder / HISTORY
@@ -244,6 +245,8 @@ def keep_in_model_folder(
     if log.exists():
         shutil.copy2(log, history / f"{stage}.csv")
         plot_history(log, history / f"{stage}_loss.png", f"stage {stage}: training loss")
+    if (out / "metrics.json").exists():  # the run's held-out figures, beside its log
+        shutil.copy2(out / "metrics.json", history / f"{stage}.json")
     if examples:
         write_examples(folder, examples, image_size)
     elif inherit is not None and (inherit / EXAMPLES).is_dir() and not (folder / EXAMPLES).exists():
