@@ -5,8 +5,9 @@ best hand-tuned ones? A fresh measurement on held-out captions.
     python benchmarks/sampling_sweep.py --model outputs/demo/dalle/model --data data/shapes \
         --oracle shapes
 
-For every setting of a grid (guidance scale x rerank candidates; rerank by the folder's
-scorer: clip/ if present, else the transformer's likelihood) and for the folder's
+For every setting of a grid (every combination of the ``--grid`` values, by default the
+sweep of the model's own config, ``sample.sweep``, x rerank ``--candidates``; rerank by
+the folder's scorer: clip/ if present, else the transformer's likelihood) and for the folder's
 defaults (the pipeline called with no sampling argument), ``--images`` images are sampled
 for each of ``--prompts`` held-out captions (the model's own train/held-out split of
 ``--data``), with seeds unlike the ones training's sweep used. Each image is scored
@@ -19,7 +20,8 @@ for each of ``--prompts`` held-out captions (the model's own train/held-out spli
   matching): the share of images showing everything their caption states.
 
 Prints JSON: one row per setting, the defaults' row, and whether the defaults are within
-one standard error of the best hand-tuned setting by the judge.
+one standard error of the best hand-tuned setting by the judge (the best of many noisy
+rows is biased upwards, so the standard error of the difference is printed too).
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,8 +38,7 @@ import torch
 from dalle1.data import find_pairs, split_pairs
 from dalle1.data.captions import read_captions
 from dalle1.pipeline import DALLEPipeline
-from dalle1.recommend import Recommended, judge_images
-from dalle1.sampling import SamplingOptions
+from dalle1.recommend import Recommended, judge_images, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -61,6 +61,19 @@ def oracle_for(name: str):
     return None
 
 
+def parse_grid(items: list[str]) -> dict[str, list]:
+    """["cond_scale=1,2", "top_k=none,32"] -> {"cond_scale": [1.0, 2.0], "top_k": [None, 32]}:
+    any field of dalle1.sampling.SamplingOptions, values as JSON ("none" = null)."""
+    grid = {}
+    for item in items:
+        key, _, values = item.partition("=")
+        grid[key.strip()] = [
+            None if v.strip().lower() in ("none", "null") else json.loads(v)
+            for v in values.split(",")
+        ]
+    return grid
+
+
 def mean_se(values: torch.Tensor) -> tuple[float, float]:
     v = values.float()
     se = float(v.std(unbiased=True) / math.sqrt(len(v))) if len(v) > 1 else 0.0
@@ -74,9 +87,15 @@ def main() -> None:
     p.add_argument("--oracle", choices=("shapes", "glyphs", "none"), default="none")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--images", type=int, default=8, help="images kept per caption and setting")
-    p.add_argument("--cond-scales", default="1,1.5,2,3,4,6")
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="OPTION=V1,V2",
+        help="sampling option and the values tried (repeatable; default: the model's "
+        "sample.sweep, else cond_scale=1,1.5,2,3,4,6)",
+    )
     p.add_argument("--candidates", default="1,4")
-    p.add_argument("--top-k", type=int, default=0, help="top-k of every hand-tuned row; 0 = off")
     p.add_argument("--seed", type=int, default=10_000)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -105,10 +124,11 @@ def main() -> None:
         return row
 
     rows = []
-    base = SamplingOptions(top_k=args.top_k or None)
+    sample = pipe.config.sample
+    grid = parse_grid(args.grid) or dict(sample.sweep) or {"cond_scale": [1, 1.5, 2, 3, 4, 6]}
+    grid = {k: [float(v) if k == "cond_scale" else v for v in vs] for k, vs in grid.items()}
     for c in [int(x) for x in args.candidates.split(",")]:
-        for s in [float(x) for x in args.cond_scales.split(",")]:
-            opts = replace(base, cond_scale=s)
+        for opts in settings(dict(sample.options), grid):
             label = Recommended(opts, c, "clip" if pipe.clip else "likelihood").describe()
             if c > 1:  # the pipeline's reranking: the best n of n x c per caption
                 rows.append(measure(label, n * c, options=opts, rerank=True, keep=n))
@@ -121,6 +141,7 @@ def main() -> None:
         "judge": "clip" if pipe.clip is not None else "likelihood",
         "oracle": args.oracle,
         "prompts": prompts,
+        "grid": grid,
         "recommended": pipe.recommended.to_dict()["options"],
         "recommended_candidates": pipe.recommended.candidates,
         "rows": rows,
@@ -128,6 +149,9 @@ def main() -> None:
         "best_by_judge": best["setting"],
         "defaults_within_one_se_of_best": defaults["judge"] >= best["judge"] - best["judge_se"],
         "defaults_minus_best_judge": round(defaults["judge"] - best["judge"], 4),
+        # the standard error of that difference (independent samples)
+        "difference_se": round(math.hypot(defaults["judge_se"], best["judge_se"]), 4),
+        "best_by_oracle": max(rows, key=lambda r: r.get("oracle", 0))["setting"],
     }
     print(json.dumps(result, indent=2))
 

@@ -257,6 +257,13 @@ def test_validation_lr_and_sample_grids_during_a_short_run(tiny_model, shapes_di
     assert [g.name for g in grids] == ["samples_0000003.png", "samples_0000006.png"]
     assert (tmp_path / "watched" / "pictures" / "captions.txt").read_text().startswith("row 1: ")
     assert (tmp_path / "watched" / "loss_curves.png").exists()
+    # the same figures for TensorBoard, beside the CSV
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "watched" / "tensorboard"))
+    board.Reload()
+    held_steps = [e.step for e in board.Scalars("val_image_bits")]
+    assert len(held_steps) == 3 and "lr" in board.Tags()["scalars"]
     # watching changes nothing: the same weights as a run without validation or grids
     run(tmp_path / "plain", "train.val_every=0")
     a = load_file(tmp_path / "watched/model/dalle/model.safetensors")
@@ -478,3 +485,25 @@ def test_choose_samples_every_setting_and_reranks_with_a_scorer(tiny_model):
     ]
     assert [r["images"] for r in rec.sweep] == [12, 6, 12, 6]  # pool 2x2 per caption; best of 2
     assert rec.judge == "likelihood"
+
+
+def test_any_sampling_option_can_join_the_sweep(tiny_model, tmp_path):
+    """The sweep is over SamplingOptions fields by name: a field joins by being listed."""
+    pipe = DALLEPipeline.from_pretrained(tiny_model)
+    rec = choose(
+        pipe.dalle,
+        pipe.vae,
+        pipe.tokenizer,
+        ["a red circle", "a blue square"],
+        options={"cond_scale": 1.0},
+        sweep={"top_k": [None, 3], "temperature": [1.0, 0.7]},
+        images=2,
+    )
+    tried = [(r["options"]["top_k"], r["options"]["temperature"]) for r in rec.sweep]
+    assert tried == [(None, 1.0), (None, 0.7), (3, 1.0), (3, 0.7)]
+    assert (rec.options.top_k, rec.options.temperature) in tried
+    folder = with_settings(tiny_model, tmp_path, SamplingOptions())
+    save_recommended(folder, rec)
+    again = DALLEPipeline.from_pretrained(folder)
+    assert again.recommended.options == rec.options
+    assert again("a red circle", num_images=1).options == rec.options

@@ -16,6 +16,7 @@ Multi-GPU / multi-node training is Lightning's job: ``train.strategy``,
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..checkpoint import (
     ModelFolderError,
@@ -450,7 +452,7 @@ def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.grad_clip or None,
         log_every_n_steps=t.log_every,
-        logger=HistoryCSVLogger(out, name="logs", version=""),  # one history across resumes
+        logger=loggers(out),
         callbacks=[
             ckpt,
             ResumeStateCallback(),
@@ -471,6 +473,18 @@ def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.
         use_distributed_sampler=False,  # ResumableSampler deals each pass out over the ranks
         num_sanity_val_steps=0,
     )
+
+
+def loggers(out: Path) -> list:
+    """``out/logs/metrics.csv`` (one history across resumes; first, so ``trainer.logger``
+    is the CSV one) and, when the package is installed, the same figures for TensorBoard
+    in ``out/tensorboard`` (``tensorboard --logdir out/tensorboard``)."""
+    found = [HistoryCSVLogger(out, name="logs", version="")]
+    if importlib.util.find_spec("tensorboard") is not None:
+        found.append(
+            TensorBoardLogger(out, name="tensorboard", version="", default_hp_metric=False)
+        )
+    return found
 
 
 def trainer_strategy(t: TrainConfig):
