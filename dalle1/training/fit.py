@@ -452,7 +452,7 @@ def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.grad_clip or None,
         log_every_n_steps=t.log_every,
-        logger=loggers(out),
+        logger=loggers(out, t.log_every),
         callbacks=[
             ckpt,
             ResumeStateCallback(),
@@ -475,11 +475,15 @@ def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.
     )
 
 
-def loggers(out: Path) -> list:
+def loggers(out: Path, flush_every: int = 1) -> list:
     """``out/logs/metrics.csv`` (one history across resumes; first, so ``trainer.logger``
-    is the CSV one) and, when the package is installed, the same figures for TensorBoard
-    in ``out/tensorboard`` (``tensorboard --logdir out/tensorboard``)."""
-    found = [HistoryCSVLogger(out, name="logs", version="")]
+    is the CSV one; written every ``flush_every`` steps, so a running training can be
+    read) and, when the package is installed, the same figures for TensorBoard in
+    ``out/tensorboard`` (``tensorboard --logdir out/tensorboard``)."""
+    csv = HistoryCSVLogger(
+        out, name="logs", version="", flush_logs_every_n_steps=max(1, flush_every)
+    )
+    found = [csv]
     if importlib.util.find_spec("tensorboard") is not None:
         found.append(
             TensorBoardLogger(out, name="tensorboard", version="", default_hp_metric=False)

@@ -22,7 +22,7 @@ from ..images import save_grid
 from ..transformer import DALLE, StreamShape
 from ..vae import DiscreteVAE, codebook_usage, psnr
 from .resilience import check_loss
-from .sharding import build_dalle
+from .sharding import build_dalle, reshard
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -149,6 +149,9 @@ class DALLEModule(StageModule):
             "val_image_bits": logs["image_loss"] / math.log(2),
         }
         self.log_dict(figures, batch_size=len(text), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        reshard(self.dalle)  # sharded (train.strategy: fsdp): back to shards after the pass
 
 
 class CLIPModule(StageModule):
