@@ -21,13 +21,14 @@ Conventions (written out because every MFU figure depends on them):
   root unit's embeddings and heads gathered) + the activations of one micro-batch. Not
   counted: the CUDA context and allocator slack (typically 1–3 GB).
 * **Activations** per layer and sample: what autograd keeps for backward in
-  :class:`dalle1.transformer.DALLE`'s x-transformers layer — per stream position
+  :class:`dalle1.transformer.DALLE`'s layer — per stream position
   ``6·dim + 4·heads·dim_head + 2·ff`` values in the compute dtype (x-transformers'
   LayerNorm keeps its input, the normalised and the scaled output; q, k, v and the
   attention output; the feed-forward's GELU input and output), 16 bytes of LayerNorm
-  statistics and 4 bytes of log-sum-exp per head; a sparse layer (row / column / conv
-  mask) also keeps the ``(B, heads, S, S)`` attention bias that x-transformers expands
-  its mask into. With per-layer activation checkpointing a layer keeps only its input,
+  statistics and 4 bytes of log-sum-exp per head, for dense and sparse layers alike (a
+  row / column / conv layer keeps no mask of its own: :mod:`dalle1.attention` gathers
+  its blocks again in the backward pass). With per-layer activation checkpointing a
+  layer keeps only its input,
   and one layer's full activations live again during its backward.
 * **Decoding** is bounded by memory bandwidth: each step reads the weights it uses
   (the layers, the final norm, the image head) once and the cached keys and values
@@ -168,8 +169,7 @@ def activation_bytes_per_layer(model: DALLE, kind: str, precision: str) -> float
     b = 2 if low_precision(precision) else 4
     ff = max(m.out_features for m in model.layers[0].modules() if isinstance(m, nn.Linear))
     per_position = (6 * cfg.dim + 4 * attention_width(cfg) + 2 * ff) * b + 16 + 4 * cfg.heads
-    bias = cfg.heads * S * b if kind != "dense" else 0  # the expanded (B, H, S, S) bias row
-    return S * (per_position + bias)
+    return S * per_position
 
 
 def logits_bytes(model: DALLE, precision: str) -> float:

@@ -20,18 +20,21 @@ embedding). These are absolute, added once at the input, which keeps the
 key/value cache trivially exact: a cached key never depends on how many tokens
 come after it.
 
-Each layer is an x-transformers ``Decoder`` of depth one, so that every layer
-can be given its own DALL-E attention mask (row / column / conv, see
-:mod:`dalle1.masks`) as an additive bias. Training and full recompute run
-x-transformers' forward; decoding with the key/value cache (``prefill`` /
-``step``) runs the same layer arithmetic through :meth:`DALLE._decode_layer`,
-with preallocated key/value buffers and, under a sparse mask, only the keys
-the mask allows (the tests hold it to the x-transformers forward, ≤ 1e-4).
+Each layer holds the parameters of an x-transformers ``Decoder`` of depth one
+(pre-norm attention + feed-forward), and every layer has its own attention kind
+(dense, or DALL-E's row / column / conv masks, see :mod:`dalle1.masks`). The
+layer arithmetic is written out here, twice: :meth:`DALLE._layer` for training
+and full recompute, where a sparse layer runs :func:`dalle1.attention.sparse_attention`
+(blocks of queries against the keys their mask allows, never an (S, S) mask),
+and :meth:`DALLE._decode_layer` for decoding with the key/value cache
+(``prefill`` / ``step``), with preallocated buffers and, under a sparse mask,
+only the keys the mask allows. The tests hold both to x-transformers' own
+forward with the whole mask as a bias (≤ 1e-5 and ≤ 1e-4).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +43,9 @@ from torch import nn
 from x_transformers import Decoder
 from x_transformers.x_transformers import LayerNorm as XLayerNorm
 
+from .attention import BlockPlan, block_plan, sparse_attention
 from .config import DALLEConfig
-from .masks import KINDS, layer_kinds, mask_to_bias, stream_mask
+from .masks import KINDS, key_table, layer_kinds, mask_to_bias, stream_rows
 
 
 @dataclass
@@ -67,11 +71,50 @@ def _layer_parts(layer: Decoder) -> tuple[nn.Module, nn.Module, nn.Module, nn.Mo
     return attn_block[0][0], attn_block[1], ff_block[0][0], ff_block[1]
 
 
+# (q, k, v) each (B, S, heads, d) and the output projection -> the projected attention
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, nn.Module], torch.Tensor]
+
+
+def dense_attention(dropout_p: float = 0.0) -> Attend:
+    """Plain causal attention over the whole stream (``attention: dense``)."""
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, project: nn.Module):
+        b, n, heads, d = q.shape
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, S, d)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+        return project(out.transpose(1, 2).reshape(b, n, heads * d))
+
+    return attend
+
+
+class Layer(Decoder):
+    """One transformer layer: an x-transformers ``Decoder`` of depth one — its parameters,
+    their names (those of saved model folders) and its own forward — with dalle1's
+    forward beside it, whose attention the caller chooses.
+
+    ``layer(x, attend=f)``: pre-norm attention and feed-forward, each with its residual
+    (LayerNorm -> q, k, v -> ``f(q, k, v, to_out)``; LayerNorm -> feed-forward), the same
+    arithmetic as x-transformers'. ``layer(x, **kwargs)`` without ``attend`` is
+    x-transformers' own forward (the tests' reference). Called as a module either way,
+    so FSDP's and activation checkpointing's hooks on the layer see every call.
+    """
+
+    def forward(self, x: torch.Tensor, attend: Attend | None = None, **kwargs) -> torch.Tensor:
+        if attend is None:
+            return super().forward(x, **kwargs)
+        norm, attn, ff_norm, ff = _layer_parts(self)
+        b, n, _ = x.shape
+        h = norm(x)
+        q, k, v = (proj(h).view(b, n, attn.heads, -1) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        x = x + attend(q, k, v, attn.to_out)
+        return x + ff(ff_norm(x))
+
+
 def init_weights(module: nn.Module) -> None:
     """The constructors' own initialisation, again, of ``module`` and everything in it.
 
     For a model materialised with ``to_empty`` (built on the meta device): torch layers'
-    ``reset_parameters`` (and :meth:`DALLE.reset_parameters`, the mask buffers), and
+    ``reset_parameters`` (and :meth:`DALLE.reset_parameters`, the mask tables), and
     x-transformers' LayerNorm gain, which has no such method. Module by module in
     registration order, which is the order the constructors drew their random numbers:
     with the same seed, a materialised model equals one built directly.
@@ -119,17 +162,18 @@ class DALLE(nn.Module):
         (one of ``dense | row | column | conv`` per layer; tests and experiments)."""
         super().__init__()
         self.cfg, self.shape = cfg, shape
-        self._key_counts: dict[str, list[int]] = {}
         dim = cfg.dim
         self.text_emb = nn.Embedding(shape.text_vocab, dim)
         self.image_emb = nn.Embedding(shape.image_vocab, dim)
         self.text_pos = nn.Embedding(shape.text_len + 1, dim)  # <bos> + L slots
         self.row_pos = nn.Embedding(shape.grid, dim)
         self.col_pos = nn.Embedding(shape.grid, dim)
-        # _decode_layer re-implements these layers for cached decoding: a new Decoder
-        # option must be mirrored there (the cached == recompute tests will say so).
+        # These Decoders hold each layer's parameters (their names are the model folder's);
+        # _layer (full forward) and _decode_layer (cached decoding) run their arithmetic,
+        # so a new Decoder option must be mirrored there (tests/test_transformer.py holds
+        # both to x-transformers' own forward).
         self.layers = nn.ModuleList(
-            Decoder(
+            Layer(
                 dim=dim,
                 depth=1,
                 heads=cfg.heads,
@@ -148,29 +192,16 @@ class DALLE(nn.Module):
         self.kinds = list(kinds) if kinds is not None else layer_kinds(cfg.depth, cfg.attention)
         if len(self.kinds) != cfg.depth or not set(self.kinds) <= set(KINDS):
             raise ValueError(f"kinds must name one of {KINDS} per layer ({cfg.depth}): {kinds}")
-        self.reset_parameters()
+        # Mask-derived tables (block plans, decode key lists) are built on first use, on
+        # the device of the input, and kept here: none is a buffer, so construction on
+        # the meta device touches no mask, and the state dict holds parameters only.
+        self._tables: dict[tuple, object] = {}
 
     def reset_parameters(self) -> None:
-        """(Re)compute the mask-derived buffers: the model's own state that is not a parameter.
-
-        They are made on the CPU whatever the default device (building on the meta device
-        must not need ``.item()`` of a meta tensor), then placed where the model's other
-        buffers already are: so after ``to_empty(device=...)`` this restores them exactly.
-        Parameters are left to the sub-modules (:func:`init_weights`).
-        """
-        device = next(self.buffers(recurse=False), self.norm.weight).device
-        device = torch.device("cpu") if device.type == "meta" else device
-        for kind in sorted(set(self.kinds) - {"dense"}):
-            with torch.device("cpu"):
-                mask = stream_mask(kind, self.shape.text_len, self.shape.grid, self.cfg.conv_kernel)
-                # row p: the key positions query p may attend, ascending, then padding
-                keys = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)
-                counts = mask.sum(1)
-                bias = mask_to_bias(mask)
-            buffers = {"bias": bias, "mask": mask, "keys": keys[:, : int(counts.max())]}
-            for name, value in buffers.items():
-                self.register_buffer(f"{name}_{kind}", value.to(device), persistent=False)
-            self._key_counts[kind] = counts.tolist()
+        """The model's own state that is not a parameter: the mask-derived tables, which
+        are dropped here and rebuilt on first use (so nothing needs restoring after
+        ``to_empty``). Parameters are left to the sub-modules (:func:`init_weights`)."""
+        self._tables = {}
 
     # --- the stream -------------------------------------------------------------------
 
@@ -188,19 +219,59 @@ class DALLE(nn.Module):
         grid = self.shape.grid
         return self.image_emb(codes) + self.row_pos(index // grid) + self.col_pos(index % grid)
 
+    # --- the masks, as the layers use them ------------------------------------------
+
+    def _table(self, what: str, kind: str, device: torch.device, build):
+        """A mask-derived table, built once per (kind, device) on first use."""
+        key = (what, kind, device)
+        if key not in self._tables:
+            self._tables[key] = build()
+        return self._tables[key]
+
+    def block_plan(self, kind: str, device: torch.device) -> BlockPlan:
+        """How the full forward cuts a sparse layer into blocks (:mod:`dalle1.attention`)."""
+        s = self.shape
+        return self._table(
+            "plan",
+            kind,
+            device,
+            lambda: block_plan(kind, s.text_len + 1, s.grid, self.cfg.conv_kernel, device),
+        )
+
+    def key_table(self, kind: str, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+        """For decoding under a sparse kind: query position ``p`` may attend exactly the key
+        positions ``index[p, :count[p]]`` (ascending), see :func:`dalle1.masks.key_table`."""
+
+        def build():
+            s = self.shape
+            index, count = key_table(kind, s.text_len, s.grid, self.cfg.conv_kernel, device)
+            return index, count.tolist()
+
+        return self._table("keys", kind, device, build)
+
+    def attn_mask(self, kind: str, start: int, stop: int) -> torch.Tensor:
+        """Boolean rows of the stream mask for queries start … stop-1 against keys 0 … stop-1."""
+        s = self.shape
+        device = self.norm.weight.device
+        return stream_rows(kind, s.text_len, s.grid, start, stop, self.cfg.conv_kernel, device)
+
     def attn_bias(self, kind: str, start: int, stop: int) -> torch.Tensor | None:
-        """Bias rows for query positions start … stop-1 against keys 0 … stop-1."""
+        """The same rows as an additive bias (B, H broadcast), for x-transformers' own forward;
+        ``None`` for dense (x-transformers' causal mask)."""
         if kind == "dense":
-            return None  # plain causal attention: x-transformers' own causal mask
-        return getattr(self, f"bias_{kind}")[start:stop, :stop][None, None]
+            return None
+        return mask_to_bias(self.attn_mask(kind, start, stop))[None, None]
+
+    # --- the layers -------------------------------------------------------------------
 
     def run_layers(
         self, x: torch.Tensor, cache: Cache | None = None
     ) -> tuple[torch.Tensor, Cache | None]:
         """Send stream positions [start, start + n) through the layers; start = cached length.
 
-        Without a cache this is the x-transformers forward (training, full recompute). With
-        one, it is the decoding path of :meth:`_decode_layer`, which writes into the cache.
+        Without a cache this is the full forward (training, full recompute) of
+        :meth:`_layer`. With one, it is the decoding path of :meth:`_decode_layer`, which
+        writes into the cache.
         """
         if cache is not None:
             start, stop = cache.length, cache.length + x.shape[1]
@@ -209,10 +280,24 @@ class DALLE(nn.Module):
             for i, kind in enumerate(self.kinds):
                 x = self._decode_layer(i, kind, x, cache, start)
             return self.norm(x), Cache(cache.keys, cache.values, stop, cache.capacity)
-        for layer, kind in zip(self.layers, self.kinds):
-            bias = self.attn_bias(kind, 0, x.shape[1])
-            x = layer(x, attn_bias=None if bias is None else bias.to(x.dtype))
+        for i, kind in enumerate(self.kinds):
+            x = self._layer(i, kind, x)
         return self.norm(x), None
+
+    def _layer(self, i: int, kind: str, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``i`` over the whole stream (x: (B, S, dim) from position 0): causal
+        ``scaled_dot_product_attention`` for dense, :func:`dalle1.attention.sparse_attention`
+        (blocks whose cost follows the keys the mask allows) for row / column / conv."""
+        dropout = self.cfg.dropout if self.training else 0.0
+        if kind == "dense":
+            attend = dense_attention(dropout)
+        else:
+            plan = self.block_plan(kind, x.device)
+
+            def attend(q, k, v, project):
+                return sparse_attention(q, k, v, plan, dropout, project=project)
+
+        return self.layers[i](x, attend=attend)
 
     def _decode_layer(
         self, i: int, kind: str, x: torch.Tensor, cache: Cache, start: int
@@ -248,7 +333,8 @@ class DALLE(nn.Module):
         values[:, :, start:stop] = v
         mask = None
         if n == 1 and kind != "dense":
-            index = getattr(self, f"keys_{kind}")[start, : self._key_counts[kind][start]]
+            table, count = self.key_table(kind, x.device)
+            index = table[start, : count[start]]
             keys, values = keys.index_select(2, index), values.index_select(2, index)
         else:
             keys, values = keys[:, :, :stop], values[:, :, :stop]
@@ -259,16 +345,6 @@ class DALLE(nn.Module):
         )
         x = x + attn.to_out(out.transpose(1, 2).reshape(b, n, -1))
         return x + ff(ff_norm(x))
-
-    def attn_mask(self, kind: str, start: int, stop: int) -> torch.Tensor:
-        """Boolean rows of the stream mask for queries start … stop-1 against keys 0 … stop-1."""
-        if kind == "dense":
-            device = self.norm.weight.device
-            return (
-                torch.arange(stop, device=device)
-                <= torch.arange(start, stop, device=device)[:, None]
-            )
-        return getattr(self, f"mask_{kind}")[start:stop, :stop]
 
     # --- training ---------------------------------------------------------------------
 

@@ -150,7 +150,7 @@ def test_two_rank_fsdp_shards_resumes_and_exports_what_one_process_does(
     }
     for (name, rank), i in info.items():
         # each layer one FSDP unit; each rank holds about half of the parameters
-        assert set(i["layer_units"]) == {"FSDPDecoder"}, i
+        assert set(i["layer_units"]) == {"FSDPLayer"}, i
         assert 0.45 < i["local"] / i["total"] < 0.55, (name, rank, i)
         assert i["master"] == ["torch.float32"]  # the sharded master weights stay float32
     assert info["first", 0]["local"] + info["first", 1]["local"] >= info["first", 0]["total"]

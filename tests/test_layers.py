@@ -3,7 +3,7 @@
 The order is also the reading order (README, docs/tour.md):
 
     ground floor   files, config, images
-    the paper      text, vae, masks, transformer, sampling, clip, editing, rerank
+    the paper      text, vae, masks, attention, transformer, sampling, clip, editing, rerank
     data/          imports the ground floor only
     assembly       checkpoint, codes, evaluation, recommend, planning, pipeline
     training/      never the pipeline
@@ -34,6 +34,7 @@ ORDER: dict[str, tuple[int, ...]] = {
     "text": (4,),
     "vae": (5,),
     "masks": (6,),
+    "attention": (6, 5),
     "transformer": (7,),
     "sampling": (8,),
     "clip": (9,),

@@ -83,3 +83,152 @@ def test_code_log_likelihood_matches_logits():
     _, image_logits = m(text, codes)
     expected = image_logits.log_softmax(-1).gather(-1, codes[..., None]).squeeze(-1)
     assert ll.shape == (2, 9) and torch.allclose(ll, expected)
+
+
+# --- the full forward against x-transformers' own, old model folders, the meta device ------
+
+# The parameter names of a model folder written before the sparse layers got their own
+# forward (dim 16, depth 1): they must keep loading.
+OLD_KEYS = [
+    "text_emb.weight",
+    "image_emb.weight",
+    "text_pos.weight",
+    "row_pos.weight",
+    "col_pos.weight",
+    "layers.0.layers.0.0.0.gamma",
+    "layers.0.layers.0.1.to_q.weight",
+    "layers.0.layers.0.1.to_k.weight",
+    "layers.0.layers.0.1.to_v.weight",
+    "layers.0.layers.0.1.to_out.weight",
+    "layers.0.layers.1.0.0.gamma",
+    "layers.0.layers.1.1.ff.0.0.weight",
+    "layers.0.layers.1.1.ff.0.0.bias",
+    "layers.0.layers.1.1.ff.2.weight",
+    "layers.0.layers.1.1.ff.2.bias",
+    "norm.weight",
+    "norm.bias",
+    "to_text_logits.weight",
+    "to_text_logits.bias",
+    "to_image_logits.weight",
+    "to_image_logits.bias",
+]
+
+
+def xtransformers_logits(m: DALLE, text: torch.Tensor, codes: torch.Tensor):
+    """The forward as it ran before: each x-transformers Decoder layer with the stream
+    mask as an additive bias (None = its own causal mask for dense)."""
+    L = m.shape.text_len
+    x = torch.cat([m.embed_text(text), m.embed_codes(codes[:, :-1])], dim=1)
+    for layer, kind in zip(m.layers, m.kinds):
+        x = layer(x, attn_bias=m.attn_bias(kind, 0, x.shape[1]))
+    h = m.norm(x)
+    return m.to_text_logits(h[:, :L]), m.to_image_logits(h[:, L:])
+
+
+@pytest.mark.parametrize(
+    "kinds", [["dense"] * 2, ["row", "column", "conv"], ["column", "row", "row", "conv"]]
+)
+@pytest.mark.parametrize("text_len, grid", [(5, 3), (6, 8)])
+def test_full_forward_equals_the_xtransformers_layers(kinds, text_len, grid):
+    torch.manual_seed(0)
+    shape = StreamShape(text_vocab=40, text_len=text_len, image_vocab=24, grid=grid, bos_id=1)
+    cfg = DALLEConfig(dim=32, depth=len(kinds), heads=2, dim_head=16, conv_kernel=5)
+    m = DALLE(cfg, shape, kinds=kinds).train()  # dropout 0: train mode is deterministic
+    g = torch.Generator().manual_seed(2)
+    text = torch.randint(0, 40, (2, text_len), generator=g)
+    codes = torch.randint(0, 24, (2, grid * grid), generator=g)
+    ours, theirs = m(text, codes), xtransformers_logits(m, text, codes)
+    grads = []
+    for logits in (ours, theirs):
+        loss = sum(
+            (t * torch.randn(t.shape, generator=torch.Generator().manual_seed(3))).sum()
+            for t in logits
+        )
+        grads.append(torch.autograd.grad(loss, list(m.parameters())))
+    for a, b in zip(ours, theirs):
+        assert (a - b).abs().max() <= 1e-5
+    for a, b in zip(*grads):  # parameter gradients sum over the stream: relative 1e-5
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max().clamp(min=1)
+
+
+def test_a_model_folder_written_before_loads_with_the_same_dense_outputs(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dalle1.checkpoint import load_dalle, save_dalle
+
+    shape = StreamShape(text_vocab=12, text_len=2, image_vocab=8, grid=2, bos_id=1)
+    m = DALLE(DALLEConfig(dim=16, depth=1, heads=2, dim_head=8), shape)
+    save_dalle(m, tmp_path / "new")
+    assert sorted(load_file(tmp_path / "new" / "model.safetensors")) == sorted(OLD_KEYS)
+    # an "old" folder: the same names, other weights, written without dalle1's help
+    torch.manual_seed(7)
+    old = DALLE(DALLEConfig(dim=16, depth=1, heads=2, dim_head=8), shape)
+    save_dalle(old, tmp_path / "old")
+    save_file(
+        {k: t.contiguous() for k, t in old.state_dict().items()},
+        tmp_path / "old" / "model.safetensors",
+    )
+    loaded = load_dalle(tmp_path / "old")
+    text, codes = torch.tensor([[3, 4], [5, 0]]), torch.tensor([[1, 2, 3, 4], [0, 7, 6, 5]])
+    with torch.no_grad():
+        for a, b in zip(loaded(text, codes), xtransformers_logits(old.eval(), text, codes)):
+            assert (a - b).abs().max() <= 1e-6
+
+
+def test_construction_on_the_meta_device():
+    shape = StreamShape(text_vocab=40, text_len=5, image_vocab=24, grid=4, bos_id=1)
+    cfg = DALLEConfig(dim=32, depth=3, heads=2, dim_head=16, attention="dalle", conv_kernel=3)
+    with torch.device("meta"):
+        m = DALLE(cfg, shape)
+    assert all(p.device.type == "meta" for p in m.parameters())
+    assert list(m.buffers()) == []  # no mask buffers: the tables are built on first use
+    ref = DALLE(cfg, shape)
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in ref.parameters())
+    # materialised afterwards (as FSDP does), it runs and its masks are the CPU model's
+    m.to_empty(device="cpu")
+    m.load_state_dict(ref.state_dict())
+    text, codes = torch.randint(0, 40, (1, 5)), torch.randint(0, 24, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(m(text, codes)[1], ref.eval()(text, codes)[1])
+
+
+def test_the_paper_model_builds_on_the_meta_device_in_seconds():
+    import time
+
+    from dalle1.config import load_config
+
+    cfg = load_config("configs/paper_dalle.yaml")
+    L, d = cfg.text.text_len, cfg.dalle.dim
+    shape = StreamShape(cfg.text.vocab_size + L, L, cfg.vae.codebook_size, 32, bos_id=1)
+    start = time.perf_counter()
+    with torch.device("meta"):
+        m = DALLE(cfg.dalle, shape)
+    assert time.perf_counter() - start < 10
+    width = cfg.dalle.heads * cfg.dalle.dim_head
+    per_layer = 2 * d + 4 * d * width + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    embeddings = (shape.text_vocab + shape.image_vocab + L + 1 + 2 * 32) * d
+    heads = (d + 1) * (shape.text_vocab + shape.image_vocab)
+    expected = embeddings + cfg.dalle.depth * per_layer + 2 * d + heads
+    assert sum(p.numel() for p in m.parameters()) == expected
+    assert 12.0e9 < expected < 12.5e9  # "a 12-billion parameter ... transformer"
+
+
+@pytest.mark.parametrize("grid", [5, 8])
+def test_cached_decoding_equals_the_full_forward_under_the_paper_schedule(grid):
+    shape = StreamShape(text_vocab=40, text_len=6, image_vocab=24, grid=grid, bos_id=1)
+    torch.manual_seed(0)
+    cfg = DALLEConfig(dim=32, depth=6, heads=2, dim_head=16, attention="dalle", conv_kernel=5)
+    m = DALLE(cfg, shape).eval()
+    g = torch.Generator().manual_seed(1)
+    text = torch.randint(0, 40, (2, 6), generator=g)
+    codes = torch.randint(0, 24, (2, grid * grid), generator=g)
+    with torch.no_grad():
+        _, full = m(text, codes)
+        logits, cache = m.prefill(text)
+        steps = [logits]
+        for i in range(grid * grid - 1):
+            logits, cache = m.step(codes[:, i], i, cache)
+            steps.append(logits)
+        assert (torch.stack(steps, 1) - full).abs().max() <= 1e-4
+        for n in (3, grid * grid // 2):  # a shorter stream: a prefix of the codes
+            assert (m.next_logits_uncached(text, codes[:, :n]) - full[:, n]).abs().max() <= 1e-4

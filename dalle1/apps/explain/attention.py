@@ -275,8 +275,8 @@ def figure11_picture() -> MaskPicture:
         "the paper's Figure 11, drawn from dalle1.masks (6 text tokens, 4×4 grid, 3×3 conv)",
         [
             "(a) row  (b) column  (c) column with the image states transposed  (d) conv;",
-            "the paper: each image token attends to the previous 5 (= grid + 1) in raster order"
-            " under (a); (c) is (b) re-indexed column-major",
+            '(a) "each image token attends to the previous 5 image tokens in raster order"'
+            " (grid + 1, itself included); (c) is (b) re-indexed column-major",
         ],
         [
             ("row", FIGURE11, "(a) row", False),

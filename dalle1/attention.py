@@ -1,0 +1,255 @@
+"""DALL-E's sparse attention at the cost of the keys it allows (training and full forward).
+
+A sparse layer (row / column / conv, :mod:`dalle1.masks`) lets an image code read all
+the text and a small window of earlier codes. Handing ``scaled_dot_product_attention``
+the whole ``(S, S)`` mask would cost as much as dense attention, and more: a mask rules
+out the causal kernel, which skips the upper triangle. Instead the image queries are
+cut into **blocks** of ``b`` consecutive codes (in the kind's layout) and each block
+attends only
+
+    [ all text positions | the image codes any of its queries may see ]
+
+— a small dense problem with a ``(b, K)`` boolean mask. All blocks go to plain
+``F.scaled_dot_product_attention`` together, so the work is about ``S · K`` instead of
+``S²``, on CPU and GPU alike, and no ``(S, S)`` tensor is ever built.
+
+* **row** (``b = grid``): a block is one grid row; its window of ``grid + 1`` codes per
+  query reaches back into the row above, so it reads ``2 · grid`` codes.
+* **column** (``b = grid``): computed with the image transposed, as the paper does
+  ("we transpose the row and column dimensions of the image states when applying
+  column attention", appendix B.1, Figure 11c): a block is one *column*, causal inside,
+  and reads only itself.
+* **conv** (``b = 2 · grid``): the 11×11 kernel reaches ``5 · grid + 5`` codes back;
+  a block reads that reach plus itself.
+
+Because the row and conv masks depend only on the raster distance ``q − k``
+(:func:`dalle1.masks.image_offsets`), every block reads the same set of codes relative to
+its first one. The first blocks reach before the image: those keys are masked.
+
+Memory. Each image key appears in several blocks, so the gathered blocks are copies.
+SDPA would keep them for its backward pass; :func:`_blocks` keeps only how to gather
+them again (the sources ``q, k, v`` are kept anyway), so a sparse layer keeps what a
+dense one keeps: ``q, k, v``, the attention output and its softmax statistics, linear
+in the number of codes. Long streams run their blocks in chunks, which bounds the copies
+that exist for a moment to a few times the layer's own keys.
+
+``tests/test_attention.py`` holds every kind to plain masked attention over the whole
+stream, forward and gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+from .masks import CPU, image_allowed, image_offsets, transpose_order
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """How one sparse kind is cut into blocks, for ``text`` text positions and a grid.
+
+    The image codes are taken in the kind's *layout* (raster order, or column by column
+    for ``column``) and cut into blocks of ``block`` consecutive slots. Block ``j``'s
+    queries are the stream positions ``queries[j]``; it reads the stream positions
+    ``keys[j]`` (the text first, then the image codes any of its queries may see) under
+    ``mask[j]``. Positions past the end of a shorter stream are redirected at run time
+    (:func:`_gather`).
+    """
+
+    kind: str
+    text: int  # T: stream positions before the image (<bos> and the text slots)
+    grid: int
+    block: int  # b: image queries per block
+    queries: torch.Tensor  # (blocks, b) long
+    keys: torch.Tensor  # (blocks, K) long
+    mask: torch.Tensor  # (blocks, b, K) bool: may query i of block j attend key k?
+    raster_slot: torch.Tensor  # (grid²,) long: the slot holding each image code
+
+
+def default_block(kind: str, grid: int) -> int:
+    """Queries per block: one grid row (a column for ``column``); two rows for conv once
+    rows have 8 codes or more (fewer, larger blocks measured faster on CPU at grid 32)."""
+    return grid * (2 if kind == "conv" and grid >= 8 else 1)
+
+
+def block_plan(
+    kind: str,
+    text: int,
+    grid: int,
+    conv_kernel: int = 11,
+    device: torch.device = CPU,
+    block: int | None = None,
+) -> BlockPlan:
+    """The plan of a sparse kind (row, column or conv), its tensors on ``device``.
+
+    ``block`` overrides the block size of row and conv (tests use sizes that do not
+    divide the grid); a column block is always one column. Built on the CPU (some steps
+    are data-dependent, which the meta device cannot run), then moved.
+    """
+    plan = _build_plan(kind, text, grid, conv_kernel, block)
+    tensors = ("queries", "keys", "mask", "raster_slot")
+    return replace(plan, **{name: getattr(plan, name).to(device) for name in tensors})
+
+
+def _build_plan(kind: str, text: int, grid: int, conv_kernel: int, block: int | None) -> BlockPlan:
+    device = CPU  # explicit, so that a torch.device("meta") context never reaches here
+    n = grid * grid
+    if kind == "column":  # transposed layout: block c is column c and reads itself
+        b = grid
+        queries = transpose_order(grid, device).view(grid, grid)  # raster index per slot
+        image_keys = queries
+    elif kind in ("row", "conv"):  # raster layout: block j reads a window before it
+        b = block or default_block(kind, grid)
+        blocks = -(-n // b)  # the last block is padded when b does not divide grid²
+        queries = torch.arange(blocks * b, device=device).view(blocks, b)
+        # the codes any query of a block may see, relative to the block's first code
+        offsets = image_offsets(kind, grid, conv_kernel, device)
+        relative = (torch.arange(b, device=device)[:, None] - offsets[None, :]).unique()
+        image_keys = queries[:, :1] + relative[None, :]
+    else:
+        raise ValueError(f"no block plan for mask kind '{kind}'")
+    blocks = queries.shape[0]
+    exists = (image_keys >= 0) & (image_keys < n)  # the first blocks reach before the image
+    mask_image = exists[:, None, :] & image_allowed(
+        kind, grid, queries[:, :, None], image_keys[:, None, :], conv_kernel
+    )
+    text_keys = torch.arange(text, device=device).expand(blocks, text)
+    keys = torch.cat([text_keys, text + image_keys.clamp(0, n - 1)], 1)
+    mask_text = torch.ones(blocks, b, text, dtype=torch.bool, device=device)
+    raster_slot = torch.empty(n, dtype=torch.long, device=device)
+    slots = queries.flatten()
+    real = slots < n  # padding slots of the last block hold no code
+    raster_slot[slots[real]] = torch.arange(len(slots), device=device)[real]
+    return BlockPlan(
+        kind,
+        text,
+        grid,
+        b,
+        text + queries,
+        keys,
+        torch.cat([mask_text, mask_image], 2),
+        raster_slot,
+    )
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+    """Stream positions ``index`` of x (B, S, heads, d) -> (len(index), B, heads, d).
+
+    Positions past the stream's end (padding of the last block, or codes after a shorter
+    prefix) read position 0 instead: they come after every real query in its layout's
+    causal order, so no real query's mask lets it see them, and their own outputs are
+    dropped.
+    """
+    return x.transpose(0, 1).index_select(0, index.where(index < size, 0))
+
+
+def _blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    lo: int,
+    hi: int,
+    dropout_p: float,
+) -> torch.Tensor:
+    """Attention of blocks ``lo … hi-1`` -> ((hi - lo) · b, B, heads, d), in slot order.
+
+    SDPA's batch dimension runs over the blocks and its head dimension over (sample,
+    head), so that one ``(blocks, 1, b, K)`` mask serves every sample and head.
+    """
+    batch, size, heads, dim = q.shape
+    blocks, b, width = hi - lo, plan.block, plan.keys.shape[1]
+
+    def gather(x: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
+        rows = _gather(x, index[lo:hi].flatten(), size)  # (blocks · length, B, heads, d)
+        return rows.view(blocks, length, batch * heads, dim).transpose(1, 2)
+
+    queries = gather(q, plan.queries, b)
+    keys, values = gather(k, plan.keys, width), gather(v, plan.keys, width)
+    # SDPA keeps its inputs for the backward pass. For the gathered blocks keep only how
+    # to gather them again: a key sits in several blocks, and a gather costs far less
+    # than keeping the copies.
+    recipes = {
+        id(queries): (q, plan.queries, b),
+        id(keys): (k, plan.keys, width),
+        id(values): (v, plan.keys, width),
+    }
+
+    def pack(t: torch.Tensor) -> torch.Tensor | tuple:
+        return recipes.get(id(t), t)
+
+    def unpack(saved: torch.Tensor | tuple) -> torch.Tensor:
+        if isinstance(saved, tuple):
+            x, index, length = saved
+            with torch.no_grad():
+                return gather(x.detach(), index, length)
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=plan.mask[lo:hi, None], dropout_p=dropout_p
+        )  # (blocks, B · heads, b, d), laid out as its queries: (blocks, b, B · heads, d)
+    return out.transpose(1, 2).reshape(blocks * b, batch, heads, dim)
+
+
+# How many times the stream's own rows the gathered keys of one chunk may hold. Each
+# chunk costs a pass over the gradients of q, k, v, so chunks are few (one at grid 32);
+# they bound the memory of a long stream's gathered blocks.
+CHUNK_ROWS = 4
+
+
+def _chunks(plan: BlockPlan, blocks: int, size: int) -> list[tuple[int, int]]:
+    """Runs of blocks whose gathered keys hold at most ``CHUNK_ROWS`` times the stream."""
+    per_chunk = max(1, CHUNK_ROWS * size // plan.keys.shape[1])
+    return [(lo, min(lo + per_chunk, blocks)) for lo in range(0, blocks, per_chunk)]
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    dropout_p: float = 0.0,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Attention of queries ``q`` over keys ``k``/values ``v`` under a sparse DALL-E mask.
+
+    ``q, k, v``: ``(B, S, heads, d)`` (the projections' own layout) for stream positions
+    ``0 … S-1``: ``plan.text`` text positions, then a prefix of the image codes in raster
+    order (``S ≤ T + grid²``). Returns ``project(o)`` for ``o = softmax(q kᵀ/√d + mask) v``
+    with the heads merged, ``(B, S, heads · d)`` before ``project``: under the kind's
+    stream mask, the same as masked dense attention.
+
+    ``project`` (a row-wise map such as the output projection, default none) is applied
+    piece by piece, so that the attention output SDPA keeps for its backward pass is
+    also what the projection keeps: no second copy of it exists.
+    """
+    batch, size, heads, dim = q.shape
+    T = plan.text
+    project = project or (lambda rows: rows)
+    # the text queries: causal attention over the text alone
+    qt, kt, vt = (x[:, :T].transpose(1, 2) for x in (q, k, v))
+    out_text = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, dropout_p=dropout_p)
+    pieces = [project(out_text.transpose(1, 2).reshape(batch, T, heads * dim))]
+    m = size - T  # image codes present
+    if m > 0:
+        n = plan.grid * plan.grid
+        if plan.kind == "column":  # every column block holds row 0
+            blocks = len(plan.queries)
+            # slots worth projecting: the last slot is the last code, absent from an
+            # input stream (a shorter prefix's other missing codes are projected, unused)
+            real = n if m == n else n - 1
+        else:  # a raster prefix needs only the blocks it reaches, and its own slots
+            blocks, real = -(-m // plan.block), m
+        image = []
+        for lo, hi in _chunks(plan, blocks, size):
+            out = _blocks(q, k, v, plan, lo, hi, dropout_p)  # (slots, B, heads, d)
+            image.append(project(out[: real - lo * plan.block].flatten(2)))
+        if plan.kind == "column":  # slots run column by column: back to raster order
+            image = [torch.cat(image).index_select(0, plan.raster_slot[:m])]
+        pieces += [piece.transpose(0, 1) for piece in image]
+    return torch.cat(pieces, 1)

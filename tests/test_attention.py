@@ -1,0 +1,116 @@
+"""dalle1.attention: blocked sparse attention equals masked dense attention, forward and backward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dalle1.attention import block_plan, default_block, sparse_attention
+from dalle1.masks import allowed
+
+
+def reference(q, k, v, kind, text, grid, kernel):
+    """Plain attention over the whole stream under the boolean stream mask."""
+    pos = torch.arange(q.shape[1])
+    mask = allowed(kind, text, grid, pos, pos, kernel)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    )
+    return out.transpose(1, 2).flatten(2)
+
+
+def inputs(text, codes, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(2, text + codes, 3, 8, generator=g, dtype=dtype).requires_grad_()
+        for _ in range(3)
+    ]
+
+
+def forward_and_grads(fn, qkv, out_grad):
+    out = fn(*qkv)
+    return out, torch.autograd.grad(out, qkv, out_grad)
+
+
+# (text positions, grid, image codes present, conv kernel, block size or None)
+CASES = [
+    (6, 4, 15, 3, None),  # Figure 11's shape, the input stream (last code never an input)
+    (6, 4, 16, 3, None),  # ... and every code
+    (7, 5, 24, 3, None),  # text not a multiple of anything
+    (33, 8, 63, 11, None),  # conv blocks of two rows, the 11×11 kernel
+    (5, 6, 35, 5, 7),  # a block size that divides neither the grid nor the codes
+    (9, 7, 20, 3, None),  # a prefix: codes stop mid-row
+    (3, 9, 80, 11, 5),
+    (4, 3, 0, 3, None),  # text only
+    (2, 1, 1, 3, None),  # a 1×1 grid
+]
+
+
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+@pytest.mark.parametrize("text, grid, codes, kernel, block", CASES)
+def test_blocked_attention_equals_masked_attention(kind, text, grid, codes, kernel, block):
+    plan = block_plan(kind, text, grid, kernel, block=block)
+    qkv = inputs(text, codes)
+    out_grad = torch.randn(2, text + codes, 24, generator=torch.Generator().manual_seed(1))
+    want, want_grads = forward_and_grads(
+        lambda q, k, v: reference(q, k, v, kind, text, grid, kernel), qkv, out_grad
+    )
+    got, got_grads = forward_and_grads(
+        lambda q, k, v: sparse_attention(q, k, v, plan), qkv, out_grad
+    )
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-5
+    for a, b in zip(got_grads, want_grads):
+        assert (a - b).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_projection_is_applied_piece_by_piece(kind):
+    text, grid = 5, 6
+    plan = block_plan(kind, text, grid, 3)
+    qkv = inputs(text, grid * grid - 1, seed=2, dtype=torch.float64)
+    proj = torch.nn.Linear(24, 7, dtype=torch.float64)
+    out_grad = torch.randn(2, text + grid * grid - 1, 7, dtype=torch.float64)
+    want, want_grads = forward_and_grads(
+        lambda q, k, v: proj(reference(q, k, v, kind, text, grid, 3)), qkv, out_grad
+    )
+    got, got_grads = forward_and_grads(
+        lambda q, k, v: sparse_attention(q, k, v, plan, project=proj), qkv, out_grad
+    )
+    assert (got - want).abs().max() <= 1e-12
+    for a, b in zip(got_grads, want_grads):
+        assert (a - b).abs().max() <= 1e-12
+
+
+def test_blocks_read_only_a_window():
+    # the point of the blocks: keys per query follow the mask, not the stream length
+    for grid in (16, 32, 48):
+        text = 33
+        row, column, conv = (block_plan(k, text, grid, 11) for k in ("row", "column", "conv"))
+        assert row.keys.shape[1] == text + 2 * grid  # its own row and the one above
+        assert column.keys.shape[1] == text + grid  # its own column
+        assert conv.keys.shape[1] == text + 5 * grid + 5 + default_block("conv", grid)
+        for plan in (row, column, conv):
+            assert plan.mask.shape == (len(plan.queries), plan.block, plan.keys.shape[1])
+
+
+def test_gathered_blocks_are_not_kept_for_the_backward_pass():
+    # SDPA keeps its inputs; the gathered (repeated) keys must be regathered, not kept
+    text, grid = 33, 16
+    plan = block_plan("conv", text, grid, 11)
+    q, k, v = inputs(text, grid * grid - 1)
+    kept = []
+
+    def pack(t):
+        kept.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = sparse_attention(q, k, v, plan)
+    assert max(kept) <= q.numel()  # nothing larger than one of q, k, v
+    out.sum().backward()  # and the backward pass still works from what was kept
+    assert k.grad is not None and k.grad.abs().sum() > 0
+
+
+def test_plans_are_built_on_the_requested_device():
+    plan = block_plan("row", 6, 4, device=torch.device("meta"))
+    assert plan.mask.device.type == "meta" and plan.keys.device.type == "meta"
