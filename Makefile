@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(PY) train.py --config configs/demo_vae.yaml --overwrite
 	$(PY) train.py --config configs/demo_dalle.yaml --overwrite
 	$(PY) sample.py --model outputs/demo/dalle/model $(DEMO_PROMPTS) \
-		--num-images 8 --seed 0 --top-k 32 --cond-scale 2 --out outputs/demo
+		--num-images 8 --seed 0 --out outputs/demo
 
 # The pictures of docs/tour.md (docs/images/tour/) are the demo model's: `make demo` first
 # (it is reused when there). The notebook docs/tour.ipynb is rebuilt from docs/tour.py.

@@ -6,7 +6,7 @@ The order is also the reading order (README, docs/tour.md):
     the paper      text, vae, masks, attention, decoding, transformer, sampling, clip, editing,
                    rerank
     data/          imports the ground floor only
-    assembly       checkpoint, codes, evaluation, planning, pipeline
+    assembly       checkpoint, codes, evaluation, recommend, planning, pipeline
     training/      never the pipeline
     apps/          programs on top of the pipeline
     cli            the command line
@@ -44,6 +44,7 @@ ORDER: dict[str, tuple[int, ...]] = {
     "rerank": (11,),
     "data.shapes": (12, 0),
     "data.emoji": (12, 0),
+    "data.glyphs": (12, 0),
     "data.problems": (12, 1),
     "data.captions": (12, 2),
     "data.folder": (12, 3),
@@ -55,6 +56,7 @@ ORDER: dict[str, tuple[int, ...]] = {
     "checkpoint": (13,),
     "codes": (14,),
     "evaluation": (15,),
+    "recommend": (15, 5),
     "planning": (15, 5),
     "pipeline": (16,),
     "": (16, 9),  # the face, dalle1/__init__.py
@@ -63,6 +65,7 @@ ORDER: dict[str, tuple[int, ...]] = {
     "training.systems": (17, 2),
     "training.datamodule": (17, 2),
     "training.throughput": (17, 2),
+    "training.watch": (17, 2),
     "training.fit": (17, 3),
     "training": (17, 9),
     "apps.evaluate": (18, 1),
