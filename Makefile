@@ -33,7 +33,7 @@ demo: $(STAMP)
 	$(PY) train.py --config configs/demo_vae.yaml --overwrite
 	$(PY) train.py --config configs/demo_dalle.yaml --overwrite
 	$(PY) sample.py --model outputs/demo/dalle/model $(DEMO_PROMPTS) \
-		--num-images 8 --seed 0 --top-k 32 --cond-scale 2 --out outputs/demo
+		--num-images 8 --seed 0 --out outputs/demo
 
 # Never-seen combinations (docs/quality.md): train both stages on built-in shapes with
 # three colour x shape pairs held out, then measure the tokenizer and the samples on them.

@@ -17,13 +17,16 @@ Lightning.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import importlib.metadata
 import json
 import math
 import os
 import sys
-from collections.abc import Callable
-from dataclasses import asdict
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,6 +34,7 @@ import torch
 from .apps.compose import (
     TEMPLATE,
     composition_report,
+    defaults_report,
     judge_folder,
     model_holdout,
     tokenizer_report,
@@ -45,6 +49,7 @@ from .config import ConfigError, DataConfig, load_config
 from .data import CaptionedFolder, data_format, find_pairs, load_pairs, make_shapes_dataset
 from .data.check import check_folder, format_report
 from .data.emoji import make_emoji_dataset
+from .data.glyphs import make_glyphs_dataset
 from .data.problems import DataProblems
 from .data.shards import write_shards
 from .editing import parse_box
@@ -53,6 +58,7 @@ from .files import read_text
 from .images import load_image, open_input, save_grid, stack_images
 from .pipeline import DALLEPipeline, check_count
 from .planning import GPUS, PlanOptions, format_plans, plan
+from .recommend import Recommended, load_recommended
 from .sampling import SamplingOptions
 
 USER_ERRORS = (ConfigError, ModelFolderError, FileNotFoundError, ValueError)
@@ -72,29 +78,98 @@ def command(name: str, add_args: Callable):
 # --- sampling options, shared by sample, edit, eval and synth ---------------------------
 
 
+RECOMMENDED_HELP = "(default: the model's sampling.json)"
+
+
 def add_sampling_args(p: argparse.ArgumentParser, seed_help: str) -> None:
     """The flags of :class:`dalle1.sampling.SamplingOptions` (read back by sampling_options),
-    with the seed and the device every sampling command takes."""
-    g = p.add_argument_group("sampling")
+    with the seed and the device every sampling command takes. A flag left out takes the
+    model folder's recommended value (dalle1/recommend.py)."""
+    g = p.add_argument_group("sampling (flags left out take the model's sampling.json values)")
     g.add_argument("--seed", type=int, default=0, help=seed_help)
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest codes")
-    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling over image codes")
-    g.add_argument("--cond-scale", type=float, default=1.0, help="classifier-free guidance scale")
+    g.add_argument("--temperature", type=float, default=None, help=f"0 = greedy {RECOMMENDED_HELP}")
+    g.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help=f"sample among the k likeliest codes, 0 = off {RECOMMENDED_HELP}",
+    )
+    g.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help=f"nucleus sampling over image codes, 1 = off {RECOMMENDED_HELP}",
+    )
+    g.add_argument(
+        "--cond-scale",
+        type=float,
+        default=None,
+        help=f"classifier-free guidance scale, 1 = off {RECOMMENDED_HELP}",
+    )
     g.add_argument(
         "--guidance-top-p",
         type=float,
         default=None,
-        help="with guidance, draw only among the conditional model's top-p codes",
+        help=f"with guidance, draw only among the conditional model's top-p codes, 1 = off "
+        f"{RECOMMENDED_HELP}",
     )
-    g.add_argument("--device", default="cpu", help="torch device to sample on (cpu, cuda, …)")
+    add_device_arg(g)
 
 
-def sampling_options(args: argparse.Namespace) -> SamplingOptions:
-    """The :class:`SamplingOptions` of the flags :func:`add_sampling_args` added."""
-    return SamplingOptions(
-        args.temperature, args.top_k, args.top_p, args.cond_scale, args.guidance_top_p
+def add_device_arg(p) -> None:
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="torch device: auto (CUDA if available, else CPU), cpu, cuda, …",
     )
+
+
+def sampling_options(
+    args: argparse.Namespace, base: SamplingOptions | None = None
+) -> SamplingOptions:
+    """The :class:`SamplingOptions` of the flags :func:`add_sampling_args` added, on top of
+    ``base`` (the model's recommended options): flags left out keep base's values, and
+    ``--top-k 0`` / ``--top-p 1`` switch a filter off."""
+    base = base if base is not None else SamplingOptions()
+    given = {
+        "temperature": args.temperature,
+        "top_k": None if args.top_k == 0 else args.top_k,
+        "top_p": None if args.top_p is not None and args.top_p >= 1 else args.top_p,
+        "cond_scale": args.cond_scale,
+        "guidance_top_p": None
+        if args.guidance_top_p is not None and args.guidance_top_p >= 1
+        else args.guidance_top_p,
+    }
+    flags = {
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "cond_scale": args.cond_scale,
+        "guidance_top_p": args.guidance_top_p,
+    }
+    return replace(base, **{k: v for k, v in given.items() if flags[k] is not None})
+
+
+@contextlib.contextmanager
+def one_line_warnings(command: str) -> Iterator[None]:
+    """Show Python warnings (a truncated prompt, repeated candidates, a doubtful edit) as
+    ``dalle1 COMMAND: warning: ...`` lines on stderr, once each."""
+    shown: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = str(message)
+        if text not in shown:
+            shown.add(text)
+            print(f"dalle1 {command}: warning: {text}", file=sys.stderr)
+
+    previous = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = show
+        try:
+            yield
+        finally:
+            warnings.showwarning = previous
 
 
 # --- train -------------------------------------------------------------------------------
@@ -120,10 +195,20 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 @command("train", add_train_args)
 def run_train(args: argparse.Namespace) -> None:
-    from .training import fit  # Lightning: only `dalle1 train` imports it
+    """Train one stage (vae, dalle or clip) as the YAML config says; Ctrl-C saves a checkpoint."""
+    from .training import TrainingInterrupted, fit  # Lightning: only `dalle1 train` imports it
 
     config = load_config(args.config, args.overrides)
-    folder = fit(config, resume=args.resume, overwrite=args.overwrite)
+    again = " ".join(["--config", args.config, *args.overrides, "--resume"])
+    try:
+        folder = fit(config, resume=args.resume, overwrite=args.overwrite)
+    except TrainingInterrupted as stop:
+        print(
+            f"dalle1 train: interrupted at step {stop.step}; checkpoint saved to "
+            f"{stop.checkpoint}\ncontinue with: python train.py {again}",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
     print(f"model folder: {folder}")
 
 
@@ -141,8 +226,11 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=int, default=4, help="upscale factor for grid.png (nearest)")
     p.add_argument(
         "--rerank",
-        action="store_true",
-        help="order each prompt's images best first (clip/ scorer, else the model's likelihood)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--rerank: order the --num-images of each prompt best first (clip/ scorer, else "
+        "the model's likelihood); --no-rerank: never. Left out: as the model's sampling.json "
+        "recommends (its 'candidates' per image, best kept)",
     )
     p.add_argument(
         "--keep", type=int, default=None, help="with --rerank: keep the best K per prompt"
@@ -152,25 +240,27 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
 
 @command("sample", add_sample_args)
 def run_sample(args: argparse.Namespace) -> None:
+    """Sample images for prompts (grid.png, PNGs, captions.txt); --image … edits instead."""
     if args.image is not None or edit_mode_flags(args):
         run_edit(args)
         return
     check_count("--num-images", args.num_images, args.num_images * len(args.prompt))
-    if args.keep is not None and not args.rerank:
+    if args.keep is not None and args.rerank is False:
         raise ValueError("--keep needs --rerank")
     if args.keep is not None and args.keep > args.num_images:
         raise ValueError(f"--keep {args.keep} is more than --num-images {args.num_images}")
     out = output_folder(args.out)
     pipe = DALLEPipeline.from_pretrained(args.model, device=check_device(args.device))
-    result = pipe(
-        args.prompt,
-        num_images=args.num_images,
-        seed=args.seed,
-        **asdict(sampling_options(args)),
-        rerank=args.rerank,
-        keep=args.keep,
-        progress=True,
-    )
+    with one_line_warnings("sample"):
+        result = pipe(
+            args.prompt,
+            num_images=args.num_images,
+            seed=args.seed,
+            options=sampling_options(args, pipe.recommended.options),
+            rerank=args.rerank,
+            keep=args.keep,
+            progress=True,
+        )
     per_prompt = len(result.images) // len(args.prompt)
     lines = []
     scores = result.scores or [None] * len(result.images)
@@ -183,6 +273,8 @@ def run_sample(args: argparse.Namespace) -> None:
         lines.append(f"{name}\tseed={seed}{tail}\t{prompt}")
     save_grid(result.pixels, out / "grid.png", nrow=per_prompt, scale=args.scale)
     rows = [f"row {r + 1}: {p}" for r, p in enumerate(args.prompt)]
+    used = Recommended(result.options, result.candidates, "clip" if pipe.clip else "likelihood")
+    rows.append(f"sampling: {used.describe()}")
     (out / "captions.txt").write_text("\n".join(rows + [""] + lines) + "\n")
     print(f"wrote {len(result.images)} images and grid.png to {out}")
 
@@ -213,7 +305,12 @@ def add_edit_flags(p: argparse.ArgumentParser) -> None:
         metavar="FRACTION",
         help="re-sample this fraction of the codes (see --variation-mode)",
     )
-    g.add_argument("--variation-mode", choices=("random", "lower"), default="random")
+    g.add_argument(
+        "--variation-mode",
+        choices=("random", "lower"),
+        default="random",
+        help="random: a seeded random FRACTION of the cells; lower: the bottom rows",
+    )
     g.add_argument("--mask-seed", type=int, default=0, help="seed of the random variation cells")
     g.add_argument(
         "--candidates", type=int, default=None, help="samples to rank (default: --num-images or 4)"
@@ -277,26 +374,13 @@ def run_edit(args: argparse.Namespace) -> None:
     common = dict(
         candidates=candidates,
         seed=args.seed,
-        **asdict(sampling_options(args)),
+        options=sampling_options(args, pipe.recommended.options),
         composite=not args.no_composite,
         feather=args.feather,
         progress=True,
     )
-    if box is not None:
-        result = pipe.edit(image, prompts[0], box=box, **common)
-    elif mask is not None:
-        result = pipe.edit(image, prompts[0], mask_image=mask, **common)
-    elif args.complete_rows is not None:
-        result = pipe.complete(image, prompts[0], rows=args.complete_rows, **common)
-    else:
-        result = pipe.variations(
-            image,
-            prompts[0],
-            fraction=args.variation,
-            mode=args.variation_mode,
-            mask_seed=args.mask_seed,
-            **common,
-        )
+    with one_line_warnings("edit"):
+        result = _run_edit(pipe, args, image, mask, box, prompts[0], common)
     result.original.save(out / "original.png")
     result.mask.save(out / "mask.png")
     lines = []
@@ -310,29 +394,61 @@ def run_edit(args: argparse.Namespace) -> None:
         f"prompt: {prompts[0]!r}",
         "grid.png: original, mask (white = repainted), then candidates best first",
         "score: log-likelihood (nats) of the kept codes after the region; 0 = none after it",
+        f"sampling: {Recommended(result.options).describe()}",
+        *[f"warning: {note}" for note in result.warnings],
         "",
     ]
     (out / "scores.txt").write_text("\n".join(header + lines) + "\n")
     print(f"wrote {len(result.images)} candidates and grid.png to {out}")
 
 
+def _run_edit(
+    pipe: DALLEPipeline, args: argparse.Namespace, image, mask, box, prompt: str, common: dict
+):
+    """The one edit the flags ask for: a box, a mask, a completion or variations."""
+    if box is not None:
+        return pipe.edit(image, prompt, box=box, **common)
+    if mask is not None:
+        return pipe.edit(image, prompt, mask_image=mask, **common)
+    if args.complete_rows is not None:
+        return pipe.complete(image, prompt, rows=args.complete_rows, **common)
+    return pipe.variations(
+        image,
+        prompt,
+        fraction=args.variation,
+        mode=args.variation_mode,
+        mask_seed=args.mask_seed,
+        **common,
+    )
+
+
 # --- data --------------------------------------------------------------------------------
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="data_command", required=True)
+    sub = p.add_subparsers(dest="data_command", required=True, parser_class=OneLineParser)
     shapes = sub.add_parser("shapes", help="write the built-in synthetic shapes dataset")
-    shapes.add_argument("out")
-    shapes.add_argument("--count", type=int, default=4000)
-    shapes.add_argument("--image-size", type=int, default=32)
-    shapes.add_argument("--max-shapes", type=int, default=1, choices=(1, 2))
-    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("out", help="folder for the PNG + same-stem .txt caption pairs")
+    shapes.add_argument("--count", type=int, default=4000, help="images to draw")
+    shapes.add_argument("--image-size", type=int, default=32, help="pixels per side")
+    shapes.add_argument(
+        "--max-shapes", type=int, default=1, choices=(1, 2), help="shapes per image"
+    )
+    shapes.add_argument("--seed", type=int, default=0, help="same seed, same images")
+    glyphs = sub.add_parser(
+        "glyphs", help="write a second built-in set: coloured digits ('a red seven')"
+    )
+    glyphs.add_argument("out", help="folder for the PNG + same-stem .txt caption pairs")
+    glyphs.add_argument("--count", type=int, default=3000, help="images to draw")
+    glyphs.add_argument("--image-size", type=int, default=32, help="pixels per side")
+    glyphs.add_argument("--seed", type=int, default=0, help="same seed, same images")
     add_data_format_args(sub)
     add_data_check_args(sub)
 
 
 @command("data", add_data_args)
 def run_data(args: argparse.Namespace) -> None:
+    """Datasets: the built-in shapes and digits, emoji; check, shard or pre-encode a folder."""
     if args.data_command in DATA_FORMAT_COMMANDS:
         return run_data_format(args)
     if args.data_command == "check":
@@ -341,6 +457,9 @@ def run_data(args: argparse.Namespace) -> None:
         path = make_shapes_dataset(
             args.out, args.count, args.image_size, args.seed, args.max_shapes
         )
+        print(f"wrote {args.count} captioned images to {path}")
+    if args.data_command == "glyphs":
+        path = make_glyphs_dataset(args.out, args.count, args.image_size, args.seed)
         print(f"wrote {args.count} captioned images to {path}")
 
 
@@ -389,7 +508,7 @@ def add_data_format_args(sub) -> None:
     encode.add_argument("--model", required=True, help="model folder holding the VAE")
     encode.add_argument("--data", required=True, help="folder, manifest or shards to encode")
     encode.add_argument("--out", required=True, help="codes folder (set data.codes to it)")
-    encode.add_argument("--batch-size", type=int, default=64)
+    encode.add_argument("--batch-size", type=int, default=64, help="images encoded at once")
     emoji = sub.add_parser("emoji", help="render Noto Color Emoji with Unicode names as captions")
     emoji.add_argument("out", help="folder for the PNG + .txt pairs")
     emoji.add_argument("--size", type=int, default=64, help="pixels per side")
@@ -445,7 +564,7 @@ def add_classify_args(p: argparse.ArgumentParser) -> None:
         help="caption with {} for the label (default 'a {}'); repeat to average several",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per image")
-    p.add_argument("--device", default="cpu")
+    add_device_arg(p)
     p.add_argument("images", nargs="+", help="image files")
 
 
@@ -546,7 +665,7 @@ def run_eval(args: argparse.Namespace) -> None:
         max_pairs=args.max_pairs,
         templates=args.template,
         seed=args.seed,
-        options=sampling_options(args),
+        options=sampling_options(args, pipe.recommended.options),
     )
     text = json.dumps(result, indent=2)
     if args.out:
@@ -594,7 +713,7 @@ def run_synth(args: argparse.Namespace) -> None:
         min_score=args.min_score,
         seed=args.seed,
         batch_size=args.batch_size,
-        options=sampling_options(args),
+        options=sampling_options(args, pipe.recommended.options),
     )
     print(json.dumps(summary))
 
@@ -607,7 +726,10 @@ def add_explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="outputs/explain", help="folder for the pictures")
     p.add_argument("--prompt", default=None, help="caption for the stream layout and animation")
     p.add_argument(
-        "--images", nargs="*", default=None, help="images to reconstruct (default: the data folder)"
+        "--images",
+        nargs="*",
+        default=None,
+        help="images to reconstruct (default: the model folder's examples/)",
     )
     p.add_argument("--schedule-only", action="store_true", help="draw only the configured masks")
     p.add_argument("--edit-image", default=None, help="image to edit (default: the first example)")
@@ -629,8 +751,8 @@ def run_explain(args: argparse.Namespace) -> None:
         edit_image=args.edit_image,
         edit_prompt=args.edit_prompt,
         edit_box=None if args.edit_box is None else parse_box(args.edit_box),
-        options=sampling_options(args),
-        device=args.device,
+        options=sampling_options(args, load_recommended(args.model).options),
+        device=check_device(args.device),
     )
     for name in result.files:
         print(f"wrote {Path(args.out) / name}")
@@ -641,8 +763,8 @@ def run_explain(args: argparse.Namespace) -> None:
 def add_ui_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder written by train.py")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (local by default)")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--port", type=int, default=7860, help="port to serve on")
+    add_device_arg(p)
 
 
 @command("ui", add_ui_args)
@@ -665,17 +787,18 @@ def run_compose(args: argparse.Namespace) -> None:
         print(json.dumps({"holdout": holdout, **judge_folder(args.samples, holdout)}, indent=2))
         return
     pipe = DALLEPipeline.from_pretrained(args.model, device=check_device(args.device))
+    defaults = defaults_report(pipe, holdout, args.per_prompt, args.seed, progress=True)
     rows = composition_report(
         pipe,
         holdout,
         scales,
         per_prompt=args.per_prompt,
         rerank_candidates=args.rerank_candidates,
-        options=sampling_options(args),
+        options=sampling_options(args, pipe.recommended.options),
         seed=args.seed,
         progress=True,
     )
-    result = {"holdout": holdout, "template": TEMPLATE, "rows": rows}
+    result = {"holdout": holdout, "template": TEMPLATE, "defaults": defaults, "rows": rows}
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
@@ -692,7 +815,7 @@ def add_eval_vae_args(p: argparse.ArgumentParser) -> None:
         "--out", default=None, help="folder for metrics.json and recon.png (default: none written)"
     )
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N images only; 0 = all")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images encoded at once")
     p.add_argument("--grid", type=int, default=8, help="images in recon.png (originals above)")
     p.add_argument("--scale", type=int, default=2, help="upscale factor for recon.png (nearest)")
     p.add_argument(
@@ -813,7 +936,12 @@ AT_LEAST = {
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (``dalle1 sample: error: …``), exit status 2."""
+    """argparse, but a usage error is one line (``dalle1 sample: error: …``), exit status 2,
+    and every --help shows the defaults (:class:`HelpFormatter`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -913,13 +1041,35 @@ def error_line(err: BaseException) -> str | None:
 # --- entry point -------------------------------------------------------------------------
 
 
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml), "unknown" when not installed."""
+    try:
+        return importlib.metadata.version("dalle1")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every --help shows the defaults, except the "(default: None)" of flags whose help
+    says what leaving them out means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action, argparse._VersionAction):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="dalle1", description="DALL-E 1: train, sample, edit.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (add_args, _) in COMMANDS.items():
-        add_args(
-            sub.add_parser(name, help=(COMMANDS[name][1].__doc__ or name).strip().splitlines()[0])
-        )
+    parser = OneLineParser(
+        prog="dalle1",
+        description="DALL-E 1 (Ramesh et al. 2021): train the dVAE and the transformer, "
+        "sample, edit, rerank and explain.",
+    )
+    parser.add_argument("--version", action="version", version=f"dalle1 {package_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    for name, (add_args, run) in COMMANDS.items():
+        summary = (run.__doc__ or name).strip().splitlines()[0]
+        add_args(sub.add_parser(name, help=summary, description=summary))
     return parser
 
 

@@ -1,7 +1,7 @@
 """Configuration as plain dataclasses, one per section of a YAML file.
 
-A config file has the sections ``data``, ``text``, ``vae``, ``dalle``, ``clip``
-and ``train``; ``train.stage`` says which model the file trains. Every number
+A config file has the sections ``data``, ``text``, ``vae``, ``dalle``, ``clip``,
+``train`` and ``sample``; ``train.stage`` says which model the file trains. Every number
 the paper fixes has a named field here, with the paper's value in the comment
 of ``configs/paper_*.yaml``.
 
@@ -25,6 +25,7 @@ import dataclasses
 import json
 import math
 import re
+import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -62,7 +63,9 @@ class DataConfig:
 @dataclass
 class TextConfig:
     vocab_size: int = 512  # BPE vocabulary, special tokens included (paper: 16384)
-    text_len: int = 16  # text positions in the stream (paper: 256)
+    # text positions in the stream (paper: 256); "auto" sizes them from the training captions
+    # (the 99th percentile of their token counts plus a margin, see dalle1.text.auto_text_len)
+    text_len: int | str = 16
     bpe_dropout: float = 0.0  # paper: 0.1 during training
     lowercase: bool = True  # paper: captions are lowercased
 
@@ -148,11 +151,35 @@ class TrainConfig:
     accumulate_grad_batches: int = 1
     log_every: int = 10
     ckpt_every: int = 200  # steps between Lightning checkpoints (for --resume)
-    sample_every: int = 0  # steps between picture grids in the log folder; 0 = off
+    sample_every: int = 0  # steps between picture grids in out_dir/pictures; 0 = off
+    val_every: int = 100  # steps between held-out validation passes (logged, printed); 0 = off
+    val_batches: int = 16  # batches of held-out data per validation pass
     threads: int = 0  # torch.set_num_threads; 0 = leave torch's default
     progress_bar: bool = True
     nan_policy: str = "stop"  # NaN/Inf loss: stop (error naming the step) | skip (drop the batch)
     max_model_gb: float = 16.0  # refuse configs whose model is estimated bigger (raise on purpose)
+
+
+@dataclass
+class SampleConfig:
+    """The recommended sampling settings a training run writes into the model folder.
+
+    At the end of the ``dalle`` stage (and again after ``clip``, which adds a scorer)
+    every combination of ``sweep`` (sampling option -> values, on top of ``options``)
+    and of ``candidates`` is sampled for ``prompts`` held-out captions, ``images``
+    each, and judged; the simplest setting within one standard error of the best is
+    written to ``model/sampling.json`` (see dalle1/recommend.py). ``sweep: {}``
+    writes ``options`` as they are, without sampling.
+    """
+
+    options: dict[str, Any] = field(default_factory=dict)  # fixed options, e.g. {top_k: 32}
+    # option -> values tried, simplest first (any field of dalle1.sampling.SamplingOptions)
+    sweep: dict[str, Any] = field(default_factory=lambda: {"cond_scale": [1.0, 1.5, 2.0, 3.0, 4.0]})
+    # images sampled per image returned, tried with a scorer (the best is kept)
+    candidates: list[int] = field(default_factory=lambda: [1, 4])
+    prompts: int = 16  # distinct held-out captions sampled in the sweep
+    images: int = 8  # images per caption and setting
+    seed: int = 0
 
 
 @dataclass
@@ -163,6 +190,7 @@ class Config:
     dalle: DALLEConfig = field(default_factory=DALLEConfig)
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -180,6 +208,18 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
     if hint is Any:
         return value
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # e.g. text.text_len: int | str ("auto")
+        for option in typing.get_args(hint):
+            try:
+                return _check_type(key, value, option)
+            except ConfigError:
+                pass
+        names = " or ".join(getattr(o, "__name__", str(o)) for o in typing.get_args(hint))
+        raise ConfigError(f"{key}: expected {names}, got {type(value).__name__} ({value!r})")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} ({value!r})")
+        return dict(value)
     if origin is list:
         (item,) = typing.get_args(hint) or (Any,)
         if not isinstance(value, list):
@@ -417,6 +457,8 @@ RANGES: dict[str, Range] = {
             "weight_decay",
             "grad_clip",
             "sample_every",
+            "val_every",
+            "val_batches",
             "threads",
             "peak_flops",
         )
@@ -425,6 +467,8 @@ RANGES: dict[str, Range] = {
     "train.min_lr_ratio": FRACTION,
     "train.seed": SEED,
     "train.max_model_gb": ABOVE_ZERO,
+    **{f"sample.{k}": POSITIVE for k in ("candidates", "prompts", "images")},
+    "sample.seed": SEED,
     # the stream shape a model folder's dalle/config.json holds
     **{f"stream.{k}": POSITIVE for k in ("text_vocab", "text_len", "image_vocab", "grid")},
     "stream.bos_id": NON_NEGATIVE,
@@ -511,6 +555,8 @@ def validate(cfg: Config) -> None:
     validate_devices(cfg.train.devices)
     validate_vae(cfg.vae)
     validate_dalle(cfg.dalle)
+    if isinstance(cfg.text.text_len, str) and cfg.text.text_len != "auto":
+        raise ConfigError(f"text.text_len: '{cfg.text.text_len}' is neither a number nor 'auto'")
     check_budget(estimate_size(cfg), cfg.train.max_model_gb, f"train.stage={cfg.train.stage}")
 
 
@@ -591,15 +637,15 @@ def estimate_size(cfg: Config) -> ModelSize:
     v = cfg.vae
     vae = vae_size(v)
     grid = max(1, cfg.data.image_size // 2**v.num_downsamples)
-    text_vocab = cfg.text.vocab_size + cfg.text.text_len
+    # text.text_len: auto is sized from the captions later; the paper's 256 bounds it here
+    text_len = cfg.text.text_len if isinstance(cfg.text.text_len, int) else 256
+    text_vocab = cfg.text.vocab_size + text_len
     if cfg.train.stage == "vae":
         return vae
     if cfg.train.stage == "dalle":
-        return vae + transformer_size(
-            cfg.dalle, text_vocab, cfg.text.text_len, v.codebook_size, grid
-        )
+        return vae + transformer_size(cfg.dalle, text_vocab, text_len, v.codebook_size, grid)
     size = cfg.clip.image_size or cfg.data.image_size
-    return clip_size(cfg.clip, text_vocab, cfg.text.text_len, size)
+    return clip_size(cfg.clip, text_vocab, text_len, size)
 
 
 def check_budget(size: ModelSize, limit_gb: float, what: str) -> None:

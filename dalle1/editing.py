@@ -362,6 +362,77 @@ def sample_edits(
 
 
 # ---------------------------------------------------------------------------
+# Why an edit may disappoint: say so instead of returning N copies of the input
+# ---------------------------------------------------------------------------
+
+
+class EditWarning(UserWarning):
+    """An edit ran, but its candidates or its region make the result doubtful."""
+
+
+def object_pixels(image: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
+    """Pixels unlike the background: bool (H, W) for an image (3, H, W) in [0, 1].
+
+    The background is the median colour of the border pixels; a pixel belongs to the
+    object when one of its channels differs from it by more than ``threshold``. A rough
+    reading, made for pictures of objects on a plain ground.
+    """
+    border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)
+    background = border.median(dim=1).values[:, None, None]
+    return (image - background).abs().amax(0) > threshold
+
+
+def edit_warnings(
+    original: torch.Tensor,
+    repaint_pixels: torch.Tensor,
+    codes: torch.Tensor,
+    original_codes: torch.Tensor,
+    repaint: torch.Tensor,
+    near: float = 0.05,
+    outside: float = 0.1,
+) -> list[str]:
+    """Plain-language reasons an edit may not do what was asked (empty list: none found).
+
+    original (3, S, S) the fitted input; repaint_pixels (S, S) bool; codes (n, N) the
+    candidates; original_codes (N,); repaint (N,) bool cells.
+
+    * every candidate keeps the region's original codes (the kept codes decide it);
+    * the candidates are all the same, or differ in fewer than ``near`` of the repainted
+      codes (the model is certain: more guidance or a larger region may move it);
+    * more than ``outside`` of the object (:func:`object_pixels`) lies outside the region:
+      those parts are kept and steer what is drawn inside.
+    """
+    notes = []
+    repaint = repaint.to(codes.device)
+    inside = codes[:, repaint]
+    n = len(inside)
+    if bool((inside == original_codes.to(codes.device)[repaint]).all()):
+        notes.append(
+            f"all {n} candidates keep the region as it was: the codes kept around it decide it "
+            "(cover the whole object with the region, raise guidance or the temperature)"
+        )
+    elif n > 1:
+        mode = inside.mode(dim=0).values
+        differ = (inside != mode).float().mean().item()
+        if differ == 0:
+            notes.append(f"all {n} candidates are the same image")
+        elif differ < near:
+            notes.append(
+                f"the {n} candidates are nearly identical (they differ in {differ:.0%} of the "
+                "repainted codes)"
+            )
+    obj = object_pixels(original.float().cpu())
+    if obj.float().mean() >= 0.01:
+        kept = (obj & ~repaint_pixels.cpu().bool()).float().sum() / obj.float().sum()
+        if kept > outside:
+            notes.append(
+                f"the region leaves {kept:.0%} of the object outside it (pixels unlike the "
+                "background); those parts are kept and steer the edit: enlarge the region"
+            )
+    return notes
+
+
+# ---------------------------------------------------------------------------
 # Compositing
 # ---------------------------------------------------------------------------
 

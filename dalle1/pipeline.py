@@ -11,8 +11,10 @@ same object edits images: :meth:`DALLEPipeline.edit` (a box or a mask),
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -22,17 +24,20 @@ from .clip import CLIPScorer
 from .config import Config
 from .editing import (
     Box,
+    EditWarning,
     MaskInput,
     blend_weights,
     cells_to_pixels,
     completion_cells,
+    edit_warnings,
     region_cells,
     sample_edits,
     variation_cells,
 )
 from .editing import composite as paste_back
 from .images import ImageInput, load_input, pil_to_tensor, tensor_to_pil, to_uint8
-from .rerank import candidate_scores, rank
+from .recommend import Recommended, load_recommended
+from .rerank import candidate_scores, count_distinct, rank
 from .sampling import SamplingOptions, sample_codes
 from .text import TextTokenizer
 from .transformer import DALLE
@@ -55,6 +60,28 @@ def check_count(name: str, value: int, total: int | None = None) -> None:
         )
 
 
+class _Recommended:
+    """The default of every sampling argument: "the model folder's recommended value"."""
+
+    def __repr__(self) -> str:
+        return "RECOMMENDED"
+
+
+#: leave a sampling argument at this to take the model folder's ``sampling.json`` value
+RECOMMENDED: Any = _Recommended()
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when torch sees a GPU, else the CPU; anything else as torch reads it."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class TruncatedPromptWarning(UserWarning):
+    """A prompt takes more BPE tokens than the model's text positions; the rest is cut."""
+
+
 @dataclass
 class DALLEOutput:
     images: list[Image.Image]
@@ -63,6 +90,8 @@ class DALLEOutput:
     seeds: list[int]  # the seed of each image: re-running with it gives the same image
     scores: list[float] | None = field(default=None)
     pixels: torch.Tensor | None = None  # (B, 3, H, W) in [0, 1]: exactly the values of `images`
+    options: SamplingOptions | None = None  # the options every image was sampled with
+    candidates: int = 1  # images sampled per image returned (reranking); 1 = none
 
 
 @dataclass
@@ -74,6 +103,7 @@ class EditOutput(DALLEOutput):
     repaint: torch.Tensor | None = None  # bool (grid²,)
     original_codes: torch.Tensor | None = None  # (grid²,)
     generated: list[Image.Image] = field(default_factory=list)  # decoded, before compositing
+    warnings: list[str] = field(default_factory=list)  # what may make the edit disappoint
 
 
 def _pictures(images: torch.Tensor) -> tuple[list[Image.Image], torch.Tensor]:
@@ -94,6 +124,7 @@ class DALLEPipeline:
         tokenizer: TextTokenizer,
         clip: CLIPScorer | None = None,
         folder: str | Path | None = None,
+        recommended: Recommended | None = None,
     ):
         self.config, self.vae, self.dalle, self.tokenizer = (
             config,
@@ -105,6 +136,8 @@ class DALLEPipeline:
         if clip is not None:
             check_clip_fits(clip, tokenizer)
         self.folder = None if folder is None else Path(folder)  # the model folder, if loaded
+        # how to sample unless told otherwise: the folder's sampling.json (dalle1/recommend.py)
+        self.recommended = recommended or Recommended(note="no recommended settings: plain")
 
     @classmethod
     def from_pretrained(
@@ -118,13 +151,18 @@ class DALLEPipeline:
         ``dtype`` (e.g. ``torch.bfloat16``) casts the transformer's weights once, so that
         sampling runs in that dtype (see :meth:`to`). None: bfloat16 on a CUDA device that
         supports it (half the bytes per decoded token), float32 elsewhere.
+        ``device="auto"`` picks CUDA when available. The folder's ``sampling.json`` (the
+        settings training chose, :mod:`dalle1.recommend`) becomes :attr:`recommended`.
         """
         config, vae, dalle, tokenizer = load_parts(folder)
         clip = load_clip(folder) if (Path(folder) / "clip").is_dir() else None
+        recommended = load_recommended(folder)
+        device = resolve_device(device)
         if dtype is None:
             cuda = torch.device(device).type == "cuda"
             dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-        return cls(config, vae, dalle, tokenizer, clip=clip, folder=folder).to(device, dtype)
+        pipe = cls(config, vae, dalle, tokenizer, clip=clip, folder=folder, recommended=recommended)
+        return pipe.to(device, dtype)
 
     def to(
         self,
@@ -153,10 +191,30 @@ class DALLEPipeline:
         return next(self.dalle.parameters()).device
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        for p in prompts:
-            if not isinstance(p, str) or self.tokenizer.num_tokens(p) == 0:
+        """Prompts -> text ids (B, text_len); a prompt longer than the text positions warns
+        (:class:`TruncatedPromptWarning`) once per distinct prompt."""
+        limit = self.tokenizer.text_len
+        for p in dict.fromkeys(prompts):
+            n = self.tokenizer.num_tokens(p) if isinstance(p, str) else 0
+            if n == 0:
                 raise ValueError(f"prompt {p!r} tokenizes to nothing; give a non-empty caption")
+            if n > limit:
+                kept = self.tokenizer.decode(self.tokenizer.encode(p))[0]
+                warnings.warn(
+                    f"prompt {p!r} takes {n} text tokens but the model reads {limit}; "
+                    f"it sees only {kept!r}",
+                    TruncatedPromptWarning,
+                    stacklevel=3,
+                )
         return self.tokenizer.encode(prompts).to(self.device)
+
+    def sampling_options(
+        self, options: SamplingOptions | None = None, **given: Any
+    ) -> SamplingOptions:
+        """``options`` (default: the recommended ones) with every argument in ``given`` that
+        is not :data:`RECOMMENDED` put in its place."""
+        base = options if options is not None else self.recommended.options
+        return replace(base, **{k: v for k, v in given.items() if v is not RECOMMENDED})
 
     @torch.no_grad()
     def __call__(
@@ -164,11 +222,11 @@ class DALLEPipeline:
         prompt: str | list[str],
         num_images: int = 1,
         seed: int = 0,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        cond_scale: float = 1.0,
-        guidance_top_p: float | None = None,
+        temperature: float = RECOMMENDED,
+        top_k: int | None = RECOMMENDED,
+        top_p: float | None = RECOMMENDED,
+        cond_scale: float = RECOMMENDED,
+        guidance_top_p: float | None = RECOMMENDED,
         progress: bool = False,
         image: ImageInput | None = None,
         mask_image: MaskInput | None = None,
@@ -176,27 +234,42 @@ class DALLEPipeline:
         candidates: int | None = None,
         composite: bool = True,
         feather: int = 0,
-        rerank: bool = False,
+        rerank: bool | None = None,
         keep: int | None = None,
         seeds: list[int] | None = None,
         score: bool = False,
+        options: SamplingOptions | None = None,
     ) -> DALLEOutput:
         """Sample ``num_images`` images per prompt. Image i of the call uses seed ``seed + i``.
 
-        Sampling options: see :class:`dalle1.sampling.SamplingOptions`.
+        Sampling options: see :class:`dalle1.sampling.SamplingOptions`. Every one left out
+        takes the model folder's recommended value (:attr:`recommended`, from
+        ``sampling.json``); ``options=`` replaces that base, and ``top_k=None`` /
+        ``top_p=None`` / ``cond_scale=1`` turn a filter or guidance off.
 
-        Reranking (paper section 2.6 reranks samples with CLIP): ``rerank=True`` orders each
-        prompt's images best first by the clip scorer (cosine of image and caption) or,
-        without clip/ in the folder, by the transformer's mean log-likelihood of the codes
-        given the caption, and sets ``scores``; ``keep=K`` then returns only the best K of
-        the ``num_images``. ``seeds`` gives one seed per image (overrides ``seed``);
-        ``score=True`` fills ``scores`` without reordering.
+        Reranking (paper section 2.6 reranks samples with CLIP): by default, when the folder
+        recommends ``candidates`` > 1, ``num_images × candidates`` images are sampled per
+        prompt and the best ``num_images`` returned. ``rerank=True`` orders the
+        ``num_images`` of each prompt best first instead, and ``keep=K`` then returns only
+        the best K (``keep`` alone implies ``rerank=True``); ``rerank=False`` never reranks. The order is the clip scorer's (cosine
+        of image and caption) or, without clip/ in the folder, the transformer's mean
+        log-likelihood of the codes given the caption; a candidate whose codes repeat a
+        better one's comes after every distinct one. ``seeds`` gives one seed per image
+        (overrides ``seed``, no default reranking); ``score=True`` fills ``scores``
+        without reordering.
 
         Editing: with ``image`` and a ``box`` (pixels, x0, y0, x1, y1) or a
         ``mask_image`` (white = repaint), repaint that region instead; see
         :meth:`edit` (``candidates`` defaults to ``num_images``).
         """
-        options = SamplingOptions(temperature, top_k, top_p, cond_scale, guidance_top_p)
+        options = self.sampling_options(
+            options,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            cond_scale=cond_scale,
+            guidance_top_p=guidance_top_p,
+        )
         if image is not None or box is not None or mask_image is not None:
             if image is None:
                 raise ValueError("box= / mask_image= need image= (the image to edit)")
@@ -215,7 +288,7 @@ class DALLEPipeline:
                 composite=composite,
                 feather=feather,
                 progress=progress,
-                **asdict(options),
+                options=options,
             )
         # 1. check the inputs
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -223,12 +296,20 @@ class DALLEPipeline:
             raise ValueError(f"num_images must be >= 1, got {num_images}")
         if not prompts:
             raise ValueError("no prompt given")
-        check_count("num_images", num_images, num_images * len(prompts))
         options.check()
-        if keep is not None and not rerank:
-            raise ValueError("keep needs rerank=True")
+        if keep is not None and rerank is False:
+            raise ValueError("keep needs rerank=True (or rerank left out)")
+        if keep is not None:
+            rerank = True
         if keep is not None and not 1 <= keep <= num_images:  # before any sampling
             raise ValueError(f"keep must lie in [1, num_images={num_images}], got {keep}")
+        # the folder's recommended reranking: num_images x candidates, the best num_images kept
+        pool = 1
+        if rerank is None and keep is None and seeds is None:
+            pool = self.recommended.candidates
+            if pool > 1:
+                rerank, keep, num_images = True, num_images, num_images * pool
+        check_count("num_images", num_images, num_images * len(prompts))
         # 2. encode the prompts: one row per image
         rows = [p for p in prompts for _ in range(num_images)]
         text = self.encode_prompts(rows)
@@ -250,12 +331,13 @@ class DALLEPipeline:
         )
         # 5. decode them
         images = self.vae.decode(codes)
-        # 6. score and rerank
+        # 6. score and rerank (repeated codes after every distinct candidate)
         scores = None
         if rerank or score:
             scores = candidate_scores(images, text, codes, self.dalle, self.clip)
         if rerank:
-            order = rank(scores, num_images, keep).to(codes.device)
+            order = rank(scores, num_images, keep, codes=codes).to(codes.device)
+            self._warn_repeats(codes, prompts, num_images, keep or num_images)
             images, codes, scores = images[order], codes[order], scores[order.cpu()]
             rows, seeds = [rows[i] for i in order], [seeds[i] for i in order]
         # 7. the output
@@ -267,7 +349,22 @@ class DALLEPipeline:
             seeds,
             None if scores is None else [float(s) for s in scores.cpu()],
             pixels,
+            options,
+            pool,
         )
+
+    @staticmethod
+    def _warn_repeats(codes: torch.Tensor, prompts: list[str], group: int, keep: int) -> None:
+        """Warn when a prompt's candidates hold fewer distinct images than are kept."""
+        for p, chunk in zip(prompts, codes.split(group)):
+            distinct = count_distinct(chunk)
+            if distinct < keep:
+                warnings.warn(
+                    f"only {distinct} distinct images among the {group} candidates for {p!r}; "
+                    f"{keep - distinct} of the best {keep} repeat one (sample more candidates, "
+                    "raise the temperature or loosen top-k / top-p)",
+                    stacklevel=3,
+                )
 
     # --- editing (the rules are dalle1/editing.py's) -------------------------------------
 
@@ -292,15 +389,16 @@ class DALLEPipeline:
         repaint: torch.Tensor | None = None,
         candidates: int = 4,
         seed: int = 0,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        cond_scale: float = 1.0,
-        guidance_top_p: float | None = None,
+        temperature: float = RECOMMENDED,
+        top_k: int | None = RECOMMENDED,
+        top_p: float | None = RECOMMENDED,
+        cond_scale: float = RECOMMENDED,
+        guidance_top_p: float | None = RECOMMENDED,
         composite: bool = True,
         feather: int = 0,
         batch_size: int | None = None,
         progress: bool = False,
+        options: SamplingOptions | None = None,
     ) -> EditOutput:
         """Repaint part of ``image`` for ``prompt`` (None or "" = the empty caption).
 
@@ -309,12 +407,25 @@ class DALLEPipeline:
         ``seed + i``) are returned best first; see :func:`dalle1.editing.sample_edits` for
         the ranking and its reason. ``composite`` pastes the input's own pixels back
         outside the repainted cells (``feather`` px of soft blend inside them).
+
+        Sampling options left out take the folder's recommended values, guidance included
+        (the empty caption's rows see the same kept codes). ``warnings`` of the output (also
+        issued as Python warnings) say when the candidates are (nearly) all the same, or
+        when the region leaves most of the picture's object outside it.
         """
+        options = self.sampling_options(
+            options,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            cond_scale=cond_scale,
+            guidance_top_p=guidance_top_p,
+        )
         given = sum(x is not None for x in (box, mask_image, repaint))
         if given != 1:
             raise ValueError("give exactly one of box=, mask_image= or repaint=")
         check_count("candidates", candidates)
-        SamplingOptions(temperature, top_k, top_p, cond_scale).check()
+        options.check()
         if feather < 0:
             raise ValueError(f"feather must be >= 0 pixels, got {feather}")
         size, grid = self.vae.cfg.image_size, self.vae.grid_size
@@ -332,7 +443,7 @@ class DALLEPipeline:
             text,
             original_codes,
             repaint,
-            options=SamplingOptions(temperature, top_k, top_p, cond_scale, guidance_top_p),
+            options=options,
             candidates=candidates,
             seed=seed,
             null_text=self.tokenizer.pad_row().to(self.device),
@@ -347,6 +458,9 @@ class DALLEPipeline:
         else:
             results = generated
         pictures, values = _pictures(results)
+        notes = edit_warnings(fitted, pixels, edits.codes, original_codes, repaint)
+        for note in notes:
+            warnings.warn(note, EditWarning, stacklevel=3)
         return EditOutput(
             images=pictures,
             codes=edits.codes,
@@ -359,6 +473,8 @@ class DALLEPipeline:
             repaint=repaint,
             original_codes=original_codes,
             generated=[tensor_to_pil(g) for g in generated],
+            options=options,
+            warnings=notes,
         )
 
     def complete(

@@ -16,12 +16,21 @@ from .clip import CLIPScorer
 from .transformer import DALLE
 
 
-def rank(scores: torch.Tensor, group_size: int, keep: int | None = None) -> torch.Tensor:
+def rank(
+    scores: torch.Tensor,
+    group_size: int,
+    keep: int | None = None,
+    codes: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Indices that sort each consecutive group of ``group_size`` scores best first, keeping ``keep``.
 
     scores: (G · group_size,). Returns (G · keep,) indices into ``scores``; within a group
     they are a permutation of that group's indices (truncated to ``keep``), scores descending.
     Ties keep the original order (stable sort), so the result is deterministic.
+
+    ``codes`` (G · group_size, N): a candidate whose codes repeat a better one of its group
+    goes behind every distinct candidate, so the best ``keep`` are distinct images whenever
+    the group holds that many (a peaked model samples the same likeliest image more than once).
     """
     keep = group_size if keep is None else keep
     if not 1 <= keep <= group_size:
@@ -29,9 +38,32 @@ def rank(scores: torch.Tensor, group_size: int, keep: int | None = None) -> torc
     if scores.numel() % group_size != 0:
         raise ValueError(f"{scores.numel()} scores do not split into groups of {group_size}")
     grouped = scores.detach().float().cpu().view(-1, group_size)
-    order = grouped.argsort(dim=-1, descending=True, stable=True)[:, :keep]
+    order = grouped.argsort(dim=-1, descending=True, stable=True)
+    if codes is not None:
+        order = torch.stack(
+            [
+                _distinct_first(row, codes.detach().cpu().view(len(grouped), group_size, -1)[g])
+                for g, row in enumerate(order)
+            ]
+        )
     offsets = torch.arange(len(grouped))[:, None] * group_size
-    return (order + offsets).flatten()
+    return (order[:, :keep] + offsets).flatten()
+
+
+def _distinct_first(order: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``order`` (best first) with every repeat of an earlier candidate's codes moved last."""
+    seen: set[bytes] = set()
+    first, repeats = [], []
+    for i in order.tolist():
+        key = codes[i].numpy().tobytes()
+        (repeats if key in seen else first).append(i)
+        seen.add(key)
+    return torch.tensor(first + repeats, dtype=order.dtype)
+
+
+def count_distinct(codes: torch.Tensor) -> int:
+    """How many different code grids ``codes`` (B, N) holds."""
+    return len({row.numpy().tobytes() for row in codes.detach().cpu()})
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -113,10 +113,6 @@ class SamplingOptions:
     @property
     def guided(self) -> bool:
         return self.cond_scale != 1.0
-
-    def as_kwargs(self) -> dict:
-        """The flat keywords of :func:`sample_codes` and ``DALLEPipeline.__call__``."""
-        return asdict(self)
 
     def check(self) -> None:
         """One-line errors for values no sampler can use."""

@@ -13,6 +13,7 @@ Ids are laid out as ``[BPE tokens (incl. <unk>, <bos>) | pad_0 … pad_{L-1}]``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -125,7 +126,30 @@ class TextTokenizer:
         """How many BPE tokens a caption takes before truncation."""
         return len(self.tokenizer.encode(caption, add_special_tokens=False).ids)
 
+    def token_counts(self, captions: Iterable[str]) -> list[int]:
+        """How many BPE tokens each caption takes before truncation."""
+        encodings = self.tokenizer.encode_batch(list(captions), add_special_tokens=False)
+        return [len(e.ids) for e in encodings]
+
     def count_truncated(self, captions: Iterable[str]) -> int:
         """How many captions take more BPE tokens than ``text_len`` (they are cut there)."""
-        encodings = self.tokenizer.encode_batch(list(captions), add_special_tokens=False)
-        return sum(len(e.ids) > self.text_len for e in encodings)
+        return sum(n > self.text_len for n in self.token_counts(captions))
+
+    def with_text_len(self, text_len: int) -> TextTokenizer:
+        """The same BPE with another number of text positions (and so other pad ids)."""
+        return TextTokenizer(self.tokenizer, text_len, self.bpe_dropout)
+
+
+def auto_text_len(counts: list[int], percentile: float = 99.0) -> int:
+    """Text positions for captions of these token counts (``text.text_len: auto``).
+
+    The ``percentile``-th token count (nearest rank) plus a margin of a quarter of it,
+    at least 2 slots, so the occasional longer caption still fits. Captions longer than
+    that are the rare 1% and are truncated (and counted in the training log).
+    """
+    if not counts:
+        raise ValueError("text.text_len: auto needs captions to size from; the data has none")
+    ordered = sorted(counts)
+    rank = max(0, math.ceil(percentile / 100 * len(ordered)) - 1)
+    p = ordered[rank]
+    return max(1, p + max(2, math.ceil(p / 4)))

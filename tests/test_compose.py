@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalle1.apps.compose import composition_report, judge_folder, pair_named
+from dalle1.apps.compose import (
+    composition_report,
+    defaults_report,
+    judge_folder,
+    pair_named,
+)
 from dalle1.data.detect import detect, judge
 from dalle1.data.shapes import (
     BACKGROUND,
@@ -148,8 +153,10 @@ class _FakePipe:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, prompt, num_images, seed, rerank, keep, progress, **options):
-        self.calls.append((prompt, num_images, rerank, keep, options["cond_scale"]))
+    recommended = type("Rec", (), {"describe": lambda self: "plain sampling"})()
+
+    def __call__(self, prompt, num_images, seed, progress, rerank=None, keep=None, options=None):
+        self.calls.append((prompt, num_images, rerank, keep, options and options.cond_scale))
         color, kind = pair_named(prompt)
         if (color, kind) in parse_pairs(HOLDOUT):
             color = "green"
@@ -172,3 +179,12 @@ def test_composition_report_counts_per_group_scale_and_mode():
     # every pair asked in both modes at both scales; reranked draws 4 and keeps 2
     assert len(pipe.calls) == 2 * 2 * 18
     assert ("a large red square in the center", 4, True, 2, 3.0) in pipe.calls
+
+
+def test_defaults_report_samples_as_the_pipeline_would_by_default():
+    pipe = _FakePipe()
+    got = defaults_report(pipe, HOLDOUT, per_prompt=3)
+    assert got["settings"] == "plain sampling"
+    assert got["seen"]["accuracy"] == 1.0 and got["seen"]["samples"] == 45
+    assert got["unseen"]["failures"] == {"wrong colour": 9}
+    assert all(c[2] is None and c[4] is None for c in pipe.calls)  # no options: the defaults

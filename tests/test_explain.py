@@ -303,9 +303,12 @@ def test_codebook_tiles_equal_the_vae_decode_of_each_code(explained):
 
 
 def pairs_for(folder: Path) -> list:
-    """The held-out pairs explain() uses when the model folder has no examples/."""
+    """The pairs explain() uses: the model folder's examples/ (held-out images training
+    copied there), else the held-out pairs of its data folder."""
     from dalle1.data import split_pairs
 
+    if (folder / "examples").is_dir():
+        return find_pairs(folder / "examples")
     cfg = load_parts(folder)[0]
     train, held = split_pairs(find_pairs(cfg.data.path), cfg.data.val_fraction, cfg.data.seed)
     return held or train
@@ -472,23 +475,26 @@ def test_loss_curves_read_the_log_and_the_held_out_figures(tmp_path):
 
 
 def test_examples_and_logs_inside_the_model_folder_are_used(tiny_model, tmp_path, shapes_dir):
-    """A model folder that carries examples/ and logs/ explains from anywhere."""
+    """A model folder carries examples/ and history/ (training writes them): it explains
+    from anywhere; an older folder with only logs/ inside still finds its log."""
     folder = tmp_path / "moved" / "model"
     shutil.copytree(tiny_model, folder)
     cfg = json.loads((folder / "config.json").read_text())
     cfg["data"]["path"] = str(tmp_path / "gone")
     (folder / "config.json").write_text(json.dumps(cfg))
-    (folder / "examples").mkdir()
-    for image, caption in find_pairs(shapes_dir)[:2]:
-        shutil.copy(image, folder / "examples" / image.name)
-        shutil.copy(caption, folder / "examples" / caption.name)
-    (folder / "logs").mkdir()
-    shutil.copy(Path(tiny_model).parent / "logs" / "metrics.csv", folder / "logs" / "metrics.csv")
     pipe = DALLEPipeline.from_pretrained(folder)
-    from dalle1.apps.explain.tour import find_examples, training_log
+    from dalle1.apps.explain.tour import find_examples, held_out_file, training_log
 
     found = find_examples(pipe, folder, None, 8)
-    assert found.images.shape[0] == 2 and found.source.endswith("examples")
+    assert found.images.shape[0] == 8 and found.source.endswith("examples")
+    history = folder / "history"
+    assert training_log(folder, None, None) == history / "dalle.csv"
+    assert training_log(folder, "vae", None) == history / "vae.csv"
+    assert held_out_file(history / "vae.csv") == history / "vae.json"
+    assert json.loads((history / "vae.json").read_text())["psnr"] > 0
+    shutil.rmtree(history)  # an older folder: the log it carries in logs/
+    (folder / "logs").mkdir()
+    shutil.copy(Path(tiny_model).parent / "logs" / "metrics.csv", folder / "logs" / "metrics.csv")
     assert training_log(folder, None, None) == folder / "logs" / "metrics.csv"
     assert training_log(folder, "vae", None) is None
 

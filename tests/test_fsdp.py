@@ -53,8 +53,12 @@ SCRIPT = textwrap.dedent(
         def on_fit_start(self, trainer, module):
             layer = module.dalle.layers[0]
             linear = next(m for m in layer.modules() if isinstance(m, torch.nn.Linear))
-            layer.register_forward_pre_hook(lambda *_: setattr(self, "forwards", self.forwards + 1))
+            layer.register_forward_pre_hook(self.count)
             linear.register_forward_pre_hook(lambda m, _: self.compute.add(str(m.weight.dtype)))
+
+        def count(self, layer, args):
+            # training forwards only: the validation passes (train.val_every) add their own
+            self.forwards += int(layer.training)
 
         def on_train_end(self, trainer, module):
             params = list(module.dalle.parameters())

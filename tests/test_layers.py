@@ -6,7 +6,7 @@ The order is also the reading order (README, docs/tour.md):
     the paper      text, vae, masks, attention, decoding, transformer, sampling, clip, editing,
                    rerank
     data/          imports the ground floor only
-    assembly       checkpoint, codes, evaluation, planning, pipeline
+    assembly       checkpoint, codes, evaluation, recommend, planning, pipeline
     training/      never the pipeline
     apps/          programs on top of the pipeline
     cli            the command line
@@ -46,6 +46,7 @@ ORDER: dict[str, tuple[int, ...]] = {
     "data.emoji": (12, 0),
     "data.colours": (12, 3),
     "data.detect": (12, 1),
+    "data.glyphs": (12, 0),
     "data.problems": (12, 1),
     "data.captions": (12, 2),
     "data.folder": (12, 3),
@@ -57,6 +58,7 @@ ORDER: dict[str, tuple[int, ...]] = {
     "checkpoint": (13,),
     "codes": (14,),
     "evaluation": (15,),
+    "recommend": (15, 5),
     "planning": (15, 5),
     "pipeline": (16,),
     "": (16, 9),  # the face, dalle1/__init__.py
@@ -65,6 +67,7 @@ ORDER: dict[str, tuple[int, ...]] = {
     "training.systems": (17, 2),
     "training.datamodule": (17, 2),
     "training.throughput": (17, 2),
+    "training.watch": (17, 2),
     "training.fit": (17, 3),
     "training": (17, 9),
     "apps.evaluate": (18, 1),

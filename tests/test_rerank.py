@@ -157,7 +157,9 @@ def test_self_ranking_without_a_scorer(tiny_model):
     assert out.scores == sorted(out.scores, reverse=True)
     assert all(s <= 0 for s in out.scores)  # mean log-probabilities
     with pytest.raises(ValueError, match="keep needs rerank"):
-        pipe("a green triangle", num_images=2, keep=1)
+        pipe("a green triangle", num_images=2, keep=1, rerank=False)
+    best = pipe("a green triangle", num_images=4, seed=1, keep=1)  # keep alone implies rerank
+    assert best.seeds == out.seeds[:1] and best.scores == pytest.approx(out.scores[:1], abs=1e-5)
 
 
 # --- zero-shot classification ---------------------------------------------------------------

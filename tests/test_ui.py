@@ -138,6 +138,7 @@ def test_browser_generates_the_requested_number_of_images(tiny_model, tmp_path):
             upload = page.locator("#editor input[type=file]")
             upload.wait_for(state="attached")
             page.locator("#edit-prompt textarea").fill("a red circle")
+            page.locator("#box textarea").fill("0,8,16,16")
             page.locator("#edit-num input[type=number]").fill("2")
             page.locator("#edit-num input[type=number]").press("Enter")
             # The editor hands an upload to the server asynchronously; a click that races

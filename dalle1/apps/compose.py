@@ -137,6 +137,32 @@ def tokenizer_report(vae: DiscreteVAE, holdout: list[str], per_pair: int = 12) -
     return report
 
 
+def _judged(pipe, pairs, template: str, **call) -> dict:
+    """Sample every pair's prompt with ``pipe(**call)`` and summarise the verdicts."""
+    verdicts = []
+    for color, kind in pairs:
+        out = pipe(template.format(color=color, shape=kind), **call)
+        verdicts += [judge(im, color, kind) for im in out.images]
+    return _summary(verdicts)
+
+
+def defaults_report(
+    pipe: DALLEPipeline,
+    holdout: list[str],
+    per_prompt: int = 8,
+    seed: int = 0,
+    template: str = TEMPLATE,
+    progress: bool = False,
+) -> dict:
+    """Seen vs never-seen accuracy with the model folder's recommended settings
+    (``sampling.json``: options and reranking), exactly as ``pipe(prompt)`` samples."""
+    call = dict(num_images=per_prompt, seed=seed, progress=progress)
+    return {
+        "settings": pipe.recommended.describe(),
+        **{g: _judged(pipe, p, template, **call) for g, p in pairs_by_group(holdout).items()},
+    }
+
+
 def composition_report(
     pipe: DALLEPipeline,
     holdout: list[str],
@@ -165,19 +191,9 @@ def composition_report(
         if rerank_candidates > per_prompt:
             modes.append(("reranked", rerank_candidates, True))
         for mode, n, rerank in modes:
+            call = dict(num_images=n, seed=seed, rerank=rerank, progress=progress)
+            call.update(keep=per_prompt if rerank else None, options=opts)
             for group, pairs in groups.items():
-                verdicts = []
-                for color, kind in pairs:
-                    out = pipe(
-                        template.format(color=color, shape=kind),
-                        num_images=n,
-                        seed=seed,
-                        rerank=rerank,
-                        keep=per_prompt if rerank else None,
-                        progress=progress,
-                        **opts.as_kwargs(),
-                    )
-                    verdicts += [judge(im, color, kind) for im in out.images]
-                row[f"{mode}_{group}"] = _summary(verdicts)
+                row[f"{mode}_{group}"] = _judged(pipe, pairs, template, **call)
         rows.append(row)
     return rows

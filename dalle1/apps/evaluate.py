@@ -10,7 +10,6 @@ with labels, zero-shot label accuracy (:func:`dalle1.clip.zero_shot`).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +120,8 @@ def evaluate(
             [p["prompt"] for p in chunk],
             num_images=num_images,
             seed=seed + start * num_images,
-            **asdict(options),
+            options=options,
+            rerank=False,  # every candidate comes back: the figures rerank them here
         )
         images = out.pixels
         emb = clip.encode_image(images)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +109,7 @@ def synthesize(
             chunk = todo[start : start + batch_size]
             seeds = [class_seed(seed, c, i) for c, i, _ in chunk]
             result = pipe(
-                [p for _, _, p in chunk], num_images=1, seeds=seeds, score=True, **asdict(options)
+                [p for _, _, p in chunk], num_images=1, seeds=seeds, score=True, options=options
             )
             for (c, i, prompt), s, image, score in zip(chunk, seeds, result.images, result.scores):
                 row = {"class": c, "index": i, "prompt": prompt, "score": score, "seed": s}

@@ -9,10 +9,16 @@ Two tabs:
   2.6, samples many and reranks them with CLIP; without a reranker the score is
   the transformer's own mean log-likelihood per image code). The seed box makes
   every grid reproducible: image ``i`` uses seed ``seed + i``.
-* **Edit** — upload an image (or pick one of the data set), type a box or paint
-  over the region to repaint, and get regenerated candidates. Codes whose cell
-  touches the region are resampled, every other code is kept, and the
-  candidates are ranked (see :mod:`dalle1.editing`, paper section 3.3 and appendix G).
+* **Edit** — upload an image (or pick one of the model folder's ``examples/``), type
+  a box or paint over the region to repaint, and get regenerated candidates. Codes
+  whose cell touches the region are resampled, every other code is kept, and the
+  candidates are ranked by the log-likelihood of the kept codes after the region
+  (see :mod:`dalle1.editing`, paper section 3.3 and appendix G).
+
+Every control starts at the model folder's recommended sampling settings
+(``sampling.json``, :mod:`dalle1.recommend`), guidance included. Warnings of the
+pipeline (a truncated prompt, repeated candidates, a doubtful edit) show as
+notices on the page.
 
 The page runs on 127.0.0.1 with gradio's analytics off and a theme that uses
 the system's fonts only, so neither the server nor the browser reaches out to
@@ -24,8 +30,9 @@ bigger file before storing it) and an image to edit at
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,21 +54,41 @@ LOCAL_MONO = ["ui-monospace", "monospace"]
 
 
 def slider_options(
-    temperature: float, top_k: float | int | None, top_p: float | None, cond_scale: float
+    temperature: float,
+    top_k: float | int | None,
+    top_p: float | None,
+    cond_scale: float,
+    base: SamplingOptions | None = None,
 ) -> SamplingOptions:
-    """Slider values -> the sampler's options: top-k 0 and top-p 0 or 1 mean "off"."""
+    """Slider values -> the sampler's options: top-k 0 and top-p 0 or 1 mean "off".
+
+    Options without a slider keep their value in ``base`` (the model's recommended ones).
+    """
     k = int(top_k) if top_k else None
     p = float(top_p) if top_p and 0 < float(top_p) < 1 else None
-    return SamplingOptions(float(temperature), k, p, float(cond_scale))
+    return replace(
+        base or SamplingOptions(),
+        temperature=float(temperature),
+        top_k=k,
+        top_p=p,
+        cond_scale=float(cond_scale),
+    )
+
+
+#: what an edit's score is: dalle1.editing ranks candidates by how likely the model finds
+#: the kept codes after the region given each candidate (nats; 0 when none come after it)
+EDIT_SCORE = "log p(kept codes after region)"
 
 
 def _score_name(pipe: DALLEPipeline) -> str:
     return "CLIP score" if getattr(pipe, "clip", None) is not None else "log p/code"
 
 
-def _captioned(pipe: DALLEPipeline, out: Any, count: int) -> list[tuple[Image.Image, str]]:
+def _captioned(
+    pipe: DALLEPipeline, out: Any, count: int, name: str | None = None
+) -> list[tuple[Image.Image, str]]:
     """The first ``count`` images of a best-first output, each captioned with score and seed."""
-    name = _score_name(pipe)
+    name = name or _score_name(pipe)
     scores = out.scores or [float("nan")] * len(out.images)
     return [
         (image, f"{name} {score:.3f} · seed {seed}")
@@ -74,12 +101,36 @@ def _best_of(
     call: Callable[[int, int], DALLEOutput],
     num_images: int,
     candidates: int | None,
+    name: str | None = None,
 ) -> list[tuple[Image.Image, str]]:
     """``call(pool, keep)`` samples ``pool = max(candidates, num_images)`` candidates ranked
     best first; the best ``num_images`` come back captioned with score and seed."""
     num_images = int(num_images)
     pool = max(int(candidates or num_images), num_images)
-    return _captioned(pipe, call(pool, num_images), num_images)
+    return _captioned(pipe, call(pool, num_images), num_images, name)
+
+
+def recommended_controls(pipe: DALLEPipeline, num_images: int = 4) -> dict[str, float | int]:
+    """The starting value of every control: the model folder's recommended settings
+    (top-k 0 and top-p 1 mean "off"; candidates = images × the recommended pool)."""
+    rec = pipe.recommended
+    o = rec.options
+    return {
+        "temperature": o.temperature,
+        "top_k": o.top_k or 0,
+        "top_p": o.top_p if o.top_p is not None else 1.0,
+        "cond_scale": o.cond_scale,
+        "candidates": num_images * rec.candidates,
+    }
+
+
+def prompt_placeholder(pipe: DALLEPipeline) -> str:
+    """A caption like the training captions: the first of the model folder's examples."""
+    for path in example_images(pipe, 1):
+        caption = Path(path).with_suffix(".txt")
+        if caption.exists() and caption.read_text().strip():
+            return caption.read_text().strip().splitlines()[0]
+    return "a caption like the training captions"
 
 
 def generate(
@@ -87,7 +138,7 @@ def generate(
     prompt: str,
     num_images: int = 4,
     seed: int = 0,
-    options: SamplingOptions = SamplingOptions(),
+    options: SamplingOptions | None = None,
     candidates: int | None = None,
 ) -> list[tuple[Image.Image, str]]:
     """Sample ``max(candidates, num_images)`` images with ``options``; return the best
@@ -102,7 +153,7 @@ def generate(
 
     def call(pool: int, keep: int) -> DALLEOutput:
         return pipe(
-            prompt, num_images=pool, seed=int(seed), **asdict(options), rerank=True, keep=keep
+            prompt, num_images=pool, seed=int(seed), options=options, rerank=True, keep=keep
         )
 
     return _best_of(pipe, call, num_images, candidates)
@@ -145,13 +196,14 @@ def edit(
     mask: Image.Image | None = None,
     num_images: int = 4,
     seed: int = 0,
-    options: SamplingOptions = SamplingOptions(),
+    options: SamplingOptions | None = None,
     candidates: int | None = None,
 ) -> list[tuple[Image.Image, str]]:
     """Regenerate a region of ``image`` (``dalle1.editing`` through the pipeline).
 
-    A painted ``mask`` (white = repaint) wins over a typed ``box``; candidates are
-    ranked best first by the editing code and the best ``num_images`` returned.
+    A painted ``mask`` (white = repaint) wins over a typed ``box``, with a warning
+    saying so; candidates are ranked best first by the log-likelihood of the kept codes
+    after the region (:data:`EDIT_SCORE`) and the best ``num_images`` returned.
     """
     if image is None:
         raise ValueError("upload or pick an image first")
@@ -160,6 +212,12 @@ def edit(
         raise ValueError("type a prompt describing the edited image")
     if mask is None and not box:
         raise ValueError("type a box x0,y0,x1,y1 or paint over the region to regenerate")
+    if mask is not None and box:
+        warnings.warn(
+            f"both a painted region and the box {box} were given: the painted region is used; "
+            "clear the box (or the painting) to choose",
+            stacklevel=2,
+        )
 
     def call(pool: int, keep: int) -> DALLEOutput:  # edits come back ranked best first
         return pipe(
@@ -169,19 +227,22 @@ def edit(
             mask_image=mask,
             candidates=pool,
             seed=int(seed),
-            **asdict(options),
+            options=options,
         )
 
-    return _best_of(pipe, call, num_images, candidates)
+    return _best_of(pipe, call, num_images, candidates, EDIT_SCORE)
 
 
 # --- the page -----------------------------------------------------------------------------
 
 
 def example_images(pipe: DALLEPipeline, count: int = 8) -> list[str]:
-    """The first images of the model's data folder, to pick from in the editing tab."""
+    """The first held-out images the model folder carries (``examples/``), to pick from in
+    the editing tab; never the training data (wherever the folder is, it shows the same)."""
+    if pipe.folder is None:
+        return []
     try:
-        return [str(p) for p, _ in find_pairs(pipe.config.data.path)[:count]]
+        return [str(p) for p, _ in find_pairs(pipe.folder / "examples")[:count]]
     except FileNotFoundError:
         return []
 
@@ -200,45 +261,71 @@ def build_app(model: str | Path | DALLEPipeline, device: str = "cpu"):
 
     def wrap(fn):
         def run(*args):
-            try:
-                return fn(*args)
-            except ValueError as err:
-                raise gr.Error(str(err)) from None
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    result = fn(*args)
+                except ValueError as err:
+                    raise gr.Error(str(err)) from None
+            for note in dict.fromkeys(str(w.message) for w in caught):
+                gr.Warning(note)
+            return result
 
         return run
 
-    def sampling_controls(tab: str):
+    start = recommended_controls(pipe)
+
+    def sampling_controls(tab: str, candidates: int):
         with gr.Row():
             num = gr.Slider(1, 16, value=4, step=1, label="images", elem_id=f"{tab}-num")
             cands = gr.Slider(
-                1, 64, value=4, step=1, label="candidates (best shown)", elem_id=f"{tab}-candidates"
+                1,
+                64,
+                value=candidates,
+                step=1,
+                label="candidates (best shown)",
+                elem_id=f"{tab}-candidates",
             )
             seed = gr.Number(value=0, precision=0, label="seed", elem_id=f"{tab}-seed")
         with gr.Row():
-            temp = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="temperature (0 = greedy)")
-            top_k = gr.Slider(
-                0, pipe.dalle.shape.image_vocab, value=0, step=1, label="top-k (0 = off)"
+            temp = gr.Slider(
+                0.0, 2.0, value=start["temperature"], step=0.05, label="temperature (0 = greedy)"
             )
-            top_p = gr.Slider(0.0, 1.0, value=1.0, step=0.01, label="top-p (1 = off)")
-            guide = gr.Slider(1.0, 10.0, value=1.0, step=0.5, label="guidance scale (1 = off)")
+            top_k = gr.Slider(
+                0,
+                pipe.dalle.shape.image_vocab,
+                value=start["top_k"],
+                step=1,
+                label="top-k (0 = off)",
+            )
+            top_p = gr.Slider(0.0, 1.0, value=start["top_p"], step=0.01, label="top-p (1 = off)")
+            guide = gr.Slider(
+                1.0,
+                10.0,
+                value=max(1.0, start["cond_scale"]),
+                step=0.5,
+                label="guidance scale (1 = off)",
+                elem_id=f"{tab}-guidance",
+            )
         return [num, seed, temp, top_k, top_p, guide, cands]
 
     with gr.Blocks(title="dalle1") as app:
         gr.Markdown(
             f"## dalle1 — DALL-E 1 on `{name}`\n"
             f"{size}×{size} images, {pipe.vae.grid_size}×{pipe.vae.grid_size} codes, "
-            f"{pipe.dalle.shape.image_vocab} image tokens."
+            f"{pipe.dalle.shape.image_vocab} image tokens. The controls start at the "
+            f"model's recommended sampling: {pipe.recommended.describe()}."
         )
         with gr.Tab("Generate"):
             prompt = gr.Textbox(
-                label="prompt", placeholder="a red circle at the top left", elem_id="prompt"
+                label="prompt", placeholder=prompt_placeholder(pipe), elem_id="prompt"
             )
-            controls = sampling_controls("gen")
+            controls = sampling_controls("gen", start["candidates"])
             go = gr.Button("Generate", variant="primary", elem_id="generate")
             gallery = gr.Gallery(label="images", columns=4, elem_id="results", format="png")
 
             def on_generate(prompt, num, seed, temp, k, p, guide, cands):
-                options = slider_options(temp, k, p, guide)
+                options = slider_options(temp, k, p, guide, pipe.recommended.options)
                 return generate(pipe, prompt, num, seed, options, cands)
 
             go.click(wrap(on_generate), [prompt, *controls], gallery)
@@ -248,7 +335,13 @@ def build_app(model: str | Path | DALLEPipeline, device: str = "cpu"):
                 "Upload an image (or pick one below), then **paint** over the part to regenerate, "
                 "or type a **box** `x0,y0,x1,y1` in pixels of the image (x1, y1 exclusive)."
             )
-            editor = gr.ImageEditor(label="image", type="pil", elem_id="editor")
+            cell = max(1, size // pipe.vae.grid_size)  # one code cell: the unit an edit repaints
+            editor = gr.ImageEditor(
+                label="image",
+                type="pil",
+                elem_id="editor",
+                brush=gr.Brush(default_size=cell, colors=["#ffffff"], color_mode="fixed"),
+            )
             examples = example_images(pipe)
             if examples:
                 gr.Examples(
@@ -257,15 +350,18 @@ def build_app(model: str | Path | DALLEPipeline, device: str = "cpu"):
             with gr.Row():
                 edit_prompt = gr.Textbox(label="prompt", elem_id="edit-prompt")
                 box = gr.Textbox(
-                    label="box x0,y0,x1,y1", value=f"0,{size // 2},{size},{size}", elem_id="box"
+                    label="box x0,y0,x1,y1 (or paint; not both)",
+                    value="",
+                    placeholder=f"0,{size // 2},{size},{size}",
+                    elem_id="box",
                 )
-            edit_controls = sampling_controls("edit")
+            edit_controls = sampling_controls("edit", 4)
             edit_go = gr.Button("Regenerate", variant="primary", elem_id="regenerate")
             edited = gr.Gallery(label="candidates", columns=4, elem_id="edited", format="png")
 
             def on_edit(value, prompt, box, num, seed, temp, k, p, guide, cands):
                 image, mask = editor_parts(value)
-                options = slider_options(temp, k, p, guide)
+                options = slider_options(temp, k, p, guide, pipe.recommended.options)
                 return edit(pipe, image, prompt, box, mask, num, seed, options, cands)
 
             edit_go.click(wrap(on_edit), [editor, edit_prompt, box, *edit_controls], edited)

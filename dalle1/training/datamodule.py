@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
 from ..codes import CodesDataset, CodesFile, encode_items
 from ..config import Config
@@ -31,7 +31,7 @@ from ..data.captions import pick_caption
 from ..data.colours import ColourLexicon, ColourSwapped, with_colour_swaps
 from ..text import TextTokenizer
 from ..vae import DiscreteVAE
-from .resilience import resumable_loader
+from .resilience import SeededIndex, resumable_loader
 
 
 class EncodedCaptions(Dataset):
@@ -45,6 +45,52 @@ class EncodedCaptions(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
         return self.codes[int(i)], pick_caption(self.captions[i], i)
+
+
+class FirstCaption(Dataset):
+    """Held-out (codes, caption) pairs with each image's first caption line: the same
+    figures at every validation pass."""
+
+    def __init__(self, codes: torch.Tensor, captions: list[list[str]]):
+        self.codes, self.captions = codes, captions
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+        return self.codes[int(i)], (self.captions[i] or [""])[0]
+
+
+class FixedSeeds(Sampler[int]):
+    """Indices 0 … n−1 in order, each carrying a seed of its own (``SeededIndex``), so a
+    dataset that draws a caption line draws the same one every pass and never from the
+    global generator (validation must leave training's random stream untouched)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __iter__(self):
+        return (SeededIndex(i, i) for i in range(self.size))
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def validation_loader(dataset: Dataset | None, config: Config, collate=None) -> DataLoader | list:
+    """The held-out batches of a validation pass (in order; no global random draw), or []."""
+    if dataset is None:
+        return []
+    streamed = isinstance(dataset, IterableDataset)
+    if not streamed and len(dataset) == 0:
+        return []
+    return DataLoader(
+        dataset,
+        batch_size=config.data.batch_size,
+        sampler=None if streamed else FixedSeeds(len(dataset)),
+        collate_fn=collate,
+        num_workers=0,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 def text_collate(tokenizer: TextTokenizer, dropout: bool) -> Callable:
@@ -164,6 +210,15 @@ class ImagesDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return _loader(self.train_set, self.config, self.collate, trainer=self.trainer)
 
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation reads held-out pairs only, never the training stand-in."""
+        held = (
+            bool(self.val_pairs)
+            if self.train_pairs is not None
+            else self.config.data.val_fraction > 0
+        )
+        return validation_loader(self.val_set if held else None, self.config, self.collate)
+
 
 class CodesDataModule(L.LightningDataModule):
     """(caption ids, codes) batches for the transformer; codes made by the frozen ``vae``.
@@ -247,8 +302,16 @@ class CodesDataModule(L.LightningDataModule):
     def connect(self, tokenizer: TextTokenizer) -> None:
         """Hand over the tokenizer trained on :meth:`caption_lines` (BPE dropout on)."""
         self.collate = text_collate(tokenizer, dropout=True)
+        self.val_collate = text_collate(tokenizer, dropout=False)
 
     def train_dataloader(self) -> DataLoader:
         if self.collate is None:
             raise RuntimeError("CodesDataModule.connect(tokenizer) must come before training")
         return _loader(self.train_set, self.config, self.collate, trainer=self.trainer)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_codes is None or self.collate is None:
+            return []
+        return validation_loader(
+            FirstCaption(self.val_codes, self.val_captions), self.config, self.val_collate
+        )

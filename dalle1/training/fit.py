@@ -16,18 +16,24 @@ Multi-GPU / multi-node training is Lightning's job: ``train.strategy``,
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
+import math
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..checkpoint import (
     ModelFolderError,
     export_model,
+    load_parts,
     load_tokenizer,
     load_vae,
     read_json,
@@ -40,15 +46,18 @@ from ..data.problems import current_problems, use_problem_log
 from ..data.sources import ensure_dataset
 from ..evaluation import evaluate_dalle, evaluate_vae, retrieval_accuracy
 from ..files import atomic_write, recover_folder, remove_stale_temporaries
-from ..text import TextTokenizer
+from ..recommend import Recommended, choose, options_from_dict, save_recommended
+from ..text import TextTokenizer, auto_text_len
 from ..transformer import StreamShape
 from .datamodule import CodesDataModule, ImagesDataModule
 from .resilience import (
     AtomicCheckpointIO,
     DataReportCallback,
     HistoryCSVLogger,
+    InterruptCheckpoint,
     LogHistoryCallback,
     ResumeStateCallback,
+    TrainingInterrupted,
     check_trainer_settings,
     check_training_result,
     is_primary_process,
@@ -57,9 +66,14 @@ from .resilience import (
 from .sharding import ShardedDataParallel, gathered_model
 from .systems import CLIPModule, DALLEModule, VAEModule
 from .throughput import ThroughputCallback
+from .watch import SampleGrids, ValidationReport, keep_in_model_folder
 
 # Lightning 2.6 warns about its own use of torch's pytree API on every run; not ours to fix.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# Lightning's info lines (the GPU/TPU banner, a cloud-logging advert, "max_steps reached")
+# say nothing a dalle1 run needs; its warnings and errors still show.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
 
 
 def fit(
@@ -125,16 +139,35 @@ def _write_metrics(out: Path, metrics: dict) -> None:
     print(json.dumps(metrics))
 
 
+def _train(trainer: L.Trainer, module, data, ckpt_path) -> None:
+    """``trainer.fit``; after a Ctrl-C that saved a checkpoint, raise TrainingInterrupted."""
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    for callback in trainer.callbacks:
+        if isinstance(callback, InterruptCheckpoint) and callback.saved_step is not None:
+            raise TrainingInterrupted(callback.saved_step, callback.path)
+
+
 def _fit_vae(config: Config, out: Path, train_pairs, val_pairs, ckpt_path, callbacks=None) -> Path:
     module = VAEModule(config)
     trainer = make_trainer(config, out, callbacks)
     data = ImagesDataModule(config, config.vae.image_size, train_pairs, val_pairs)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    _train(trainer, module, data, ckpt_path)
     check_training_result(trainer, module, "vae")
     vae = module.vae.eval()
-    if trainer.is_global_zero:
-        _write_metrics(out, evaluate_vae(vae, data.val_set))
-    return export_model(out / "model", config, vae) if trainer.is_global_zero else out / "model"
+    if not trainer.is_global_zero:
+        return out / "model"
+    _write_metrics(out, evaluate_vae(vae, data.val_set))
+    folder = export_model(out / "model", config, vae)
+    keep_in_model_folder(
+        folder, out, "vae", _examples(val_pairs, train_pairs), config.vae.image_size
+    )
+    return folder
+
+
+def _examples(val_pairs: list | None, train_pairs: list | None, count: int = 32) -> list:
+    """The pairs a model folder keeps as examples: held-out first, topped up from training."""
+    held = list(val_pairs or [])
+    return held + list(train_pairs or [])[: max(0, count - len(held))]
 
 
 def _fit_dalle(
@@ -153,28 +186,92 @@ def _fit_dalle(
     data.setup("fit")  # the codes' captions train the tokenizer, which the model's shape needs
     caption_lines = data.caption_lines()
     tokenizer = _tokenizer(config, out, caption_lines)
+    if config.text.text_len != tokenizer.text_len:  # "auto": the model folder records the number
+        config = replace(config, text=replace(config.text, text_len=tokenizer.text_len))
     report_truncated(tokenizer, caption_lines)
     data.connect(tokenizer)
     shape = StreamShape(
         tokenizer.vocab_size, tokenizer.text_len, vae.codebook_size, vae.grid_size, tokenizer.bos_id
     )
     module = DALLEModule(config, shape, tokenizer.pad_row())
+    held_captions = [lines[0] for lines in (data.val_captions or data.train_captions) if lines]
+    grids = []
+    if config.train.sample_every > 0 and not _sharded(config.train.strategy):
+        shown = list(dict.fromkeys(held_captions))[:6]
+        options = options_from_dict(config.sample.options, "sample.options")
+        grids = [
+            SampleGrids(out, config.train.sample_every, shown, tokenizer, vae, options=options)
+        ]
     throughput = ThroughputCallback(config.train.peak_flops, config.train.log_every)
-    trainer = make_trainer(config, out, [throughput, *(callbacks or [])])
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    trainer = make_trainer(config, out, [throughput, *grids, *(callbacks or [])])
+    _train(trainer, module, data, ckpt_path)
     dalle = gathered_model(module.dalle, trainer.global_rank)  # sharded: whole on rank 0 only
     # sharded, the weights are checked once gathered (rank 0); the other ranks check the steps
     whole = module if dalle is module.dalle else dalle
     check_training_result(trainer, whole if whole is not None else torch.nn.Module(), "dalle")
-    if dalle is not None:
-        dalle.eval()
-    if trainer.is_global_zero and data.val_codes is not None:
+    if dalle is None or not trainer.is_global_zero:
+        return out / "model"
+    dalle.eval()
+    if data.val_codes is not None:
         _write_metrics(out, evaluate_dalle(dalle, tokenizer, data.val_codes, data.val_captions))
-    return (
-        export_model(out / "model", config, vae, dalle, tokenizer)
-        if trainer.is_global_zero
-        else out / "model"
+    folder = export_model(out / "model", config, vae, dalle, tokenizer)
+    examples = _examples(val_pairs, train_pairs)
+    keep_in_model_folder(
+        folder, out, "dalle", examples, vae.cfg.image_size, inherit=Path(config.dalle.vae)
     )
+    recommend_sampling(config, folder, dalle, vae, tokenizer, held_captions)
+    return folder
+
+
+def recommend_sampling(
+    config: Config,
+    folder: Path,
+    dalle,
+    vae,
+    tokenizer: TextTokenizer,
+    captions: list[str],
+    clip: CLIPScorer | None = None,
+) -> Recommended:
+    """Choose the folder's recommended sampling settings (:func:`dalle1.recommend.choose`,
+    the ``sample:`` section) on held-out ``captions``, write ``sampling.json``, print them.
+
+    Guidance needs a model trained with caption dropout: without ``dalle.p_uncond`` the
+    sweep keeps ``cond_scale`` at 1. Reranking needs a scorer: without clip/ the sweep
+    keeps one candidate (the likelihood reranker would judge its own picks).
+    """
+    s = config.sample
+    sweep = dict(s.sweep)
+    if config.dalle.p_uncond <= 0 and "cond_scale" in sweep:
+        sweep.pop("cond_scale")
+    candidates = list(s.candidates) if clip is not None else [1]
+    prompts = list(dict.fromkeys(captions))[: s.prompts]
+    judge = "the clip scorer" if clip is not None else "the transformer's likelihood"
+    if len(prompts) < 2 or not sweep:
+        why = "fewer than 2 distinct held-out captions" if len(prompts) < 2 else "nothing to sweep"
+        chosen = Recommended(options_from_dict(s.options, "sample.options"), note=why)
+    else:
+        print(
+            f"dalle1: choosing sampling settings on {len(prompts)} held-out captions x "
+            f"{s.images} images, judged by {judge}:",
+            flush=True,
+        )
+        dalle.eval()
+        chosen = choose(
+            dalle,
+            vae,
+            tokenizer,
+            prompts,
+            clip=clip,
+            options=s.options,
+            sweep=sweep,
+            candidates=candidates,
+            images=s.images,
+            seed=s.seed,
+            log=lambda line: print(line, flush=True),
+        )
+    save_recommended(folder, chosen)
+    print(f"dalle1: recommended sampling: {chosen.describe()} ({folder / 'sampling.json'})")
+    return chosen
 
 
 def fit_clip(config: Config, out: Path, train_pairs: list, val_pairs: list, ckpt_path) -> Path:
@@ -207,17 +304,22 @@ def fit_clip(config: Config, out: Path, train_pairs: list, val_pairs: list, ckpt
     trainer = make_trainer(config, out)
     # held-out pairs for retrieval; with none held out, all training pairs
     data = ImagesDataModule(config, size, train_pairs, val_pairs, tokenizer, val_stand_in=None)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    _train(trainer, module, data, ckpt_path)
     check_training_result(trainer, module, "clip")
     clip = module.clip.eval()
     if not trainer.is_global_zero:
         return model
     held = data.val_set
+    captions = [(c or [""])[0] for c in held.captions]
     if len(held) >= 32:
         images = torch.stack([held[i][0] for i in range(len(held))])
-        captions = [(c or [""])[0] for c in held.captions]
         _write_metrics(out, retrieval_accuracy(clip, tokenizer, images, captions))
     save_clip(clip, model)
+    keep_in_model_folder(model, out, "clip")
+    # the scorer is a better judge and a reranker: choose the sampling settings again with it
+    folder_config, vae, dalle, tokenizer = load_parts(model)
+    folder_config = replace(folder_config, sample=config.sample)
+    recommend_sampling(folder_config, model, dalle, vae, tokenizer, captions, clip=clip)
     return model
 
 
@@ -234,19 +336,46 @@ def report_truncated(tokenizer: TextTokenizer, captions: list[str]) -> int:
 
 
 def _tokenizer(config: Config, out: Path, captions: list[str]) -> TextTokenizer:
-    """Train the BPE on the training captions once; a resumed run reloads the same one."""
+    """Train the BPE on the training captions once; a resumed run reloads the same one.
+
+    ``text.text_len: auto`` sizes the text positions from the captions' token counts
+    (:func:`dalle1.text.auto_text_len`); a resumed run recomputes the same number from
+    the same captions. Prints what the captions take and what was chosen.
+    """
     path = out / "tokenizer.json"
     tx = config.text
+    fixed = tx.text_len if isinstance(tx.text_len, int) else 1
     if path.exists():
-        return TextTokenizer.load(path, tx.text_len, tx.bpe_dropout)
-    tokenizer = TextTokenizer.train(
-        captions, tx.vocab_size, tx.text_len, tx.bpe_dropout, tx.lowercase
-    )
-    # the other ranks train the same BPE but leave the file to rank 0: one that runs ahead
-    # (rank 0 still exporting a previous run) would make rank 0 see a used out_dir
-    if is_primary_process():  # a run killed here never leaves half a tokenizer for --resume
-        atomic_write(path, lambda fh: fh.write(tokenizer.tokenizer.to_str(pretty=True).encode()))
+        tokenizer = TextTokenizer.load(path, fixed, tx.bpe_dropout)
+    else:
+        tokenizer = TextTokenizer.train(
+            captions, tx.vocab_size, fixed, tx.bpe_dropout, tx.lowercase
+        )
+        # the other ranks train the same BPE but leave the file to rank 0: one that runs ahead
+        # (rank 0 still exporting a previous run) would make rank 0 see a used out_dir
+        if is_primary_process():  # a run killed here never leaves half a tokenizer for --resume
+            atomic_write(
+                path, lambda fh: fh.write(tokenizer.tokenizer.to_str(pretty=True).encode())
+            )
+    counts = tokenizer.token_counts(captions)
+    if tx.text_len == "auto":
+        tokenizer = tokenizer.with_text_len(auto_text_len(counts))
+    print(describe_text(tokenizer, counts, tx.vocab_size, tx.text_len == "auto"))
     return tokenizer
+
+
+def describe_text(
+    tokenizer: TextTokenizer, counts: list[int], vocab_cap: int, auto: bool = False
+) -> str:
+    """One line: how many tokens the captions take, the text slots and the BPE size reached."""
+    ordered = sorted(counts) or [0]
+    p99 = ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
+    slots = f"text.text_len={'auto -> ' if auto else ''}{tokenizer.text_len} slots"
+    return (
+        f"dalle1: text: {len(counts)} caption lines take {ordered[0]}-{ordered[-1]} BPE tokens "
+        f"(median {ordered[len(ordered) // 2]}, 99th percentile {p99}); {slots}; "
+        f"BPE vocabulary {tokenizer.bpe_vocab_size} tokens learned (text.vocab_size cap {vocab_cap})"
+    )
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -279,6 +408,19 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         pass  # the bar closes at the end of training, not of an epoch
 
+    # validation passes print one line each (training.watch.ValidationReport), no bar of their own
+    def on_validation_start(self, trainer, pl_module) -> None:
+        pass
+
+    def on_validation_batch_start(self, *args, **kwargs) -> None:
+        pass
+
+    def on_validation_batch_end(self, *args, **kwargs) -> None:
+        pass
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        pass
+
     def on_train_end(self, trainer, pl_module) -> None:
         self.train_progress_bar.n = trainer.global_step
         self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
@@ -296,6 +438,8 @@ def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.
         save_top_k=1,
     )
     bar = StepProgressBar(f"training {t.stage}")
+    # held-out validation every val_every optimizer steps (Lightning counts batches)
+    validate = t.val_every > 0 and t.val_batches > 0
     return L.Trainer(
         default_root_dir=out,
         max_steps=t.max_steps,
@@ -308,12 +452,14 @@ def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.grad_clip or None,
         log_every_n_steps=t.log_every,
-        logger=HistoryCSVLogger(out, name="logs", version=""),  # one history across resumes
+        logger=loggers(out, t.log_every),
         callbacks=[
             ckpt,
             ResumeStateCallback(),
             LogHistoryCallback(),
             DataReportCallback(current_problems()),
+            InterruptCheckpoint(out / "checkpoints" / "last.ckpt"),
+            ValidationReport(out, f"stage {t.stage}"),
             *([bar] if t.progress_bar else []),
             *(callbacks or []),
         ],
@@ -321,10 +467,28 @@ def make_trainer(config: Config, out: Path, callbacks: list | None = None) -> L.
         plugins=[] if _sharded(t.strategy) else [AtomicCheckpointIO()],
         enable_progress_bar=t.progress_bar,
         enable_model_summary=False,
-        limit_val_batches=0,
+        limit_val_batches=t.val_batches if validate else 0,
+        val_check_interval=t.val_every * t.accumulate_grad_batches if validate else None,
+        check_val_every_n_epoch=None if validate else 1,
         use_distributed_sampler=False,  # ResumableSampler deals each pass out over the ranks
         num_sanity_val_steps=0,
     )
+
+
+def loggers(out: Path, flush_every: int = 1) -> list:
+    """``out/logs/metrics.csv`` (one history across resumes; first, so ``trainer.logger``
+    is the CSV one; written every ``flush_every`` steps, so a running training can be
+    read) and, when the package is installed, the same figures for TensorBoard in
+    ``out/tensorboard`` (``tensorboard --logdir out/tensorboard``)."""
+    csv = HistoryCSVLogger(
+        out, name="logs", version="", flush_logs_every_n_steps=max(1, flush_every)
+    )
+    found = [csv]
+    if importlib.util.find_spec("tensorboard") is not None:
+        found.append(
+            TensorBoardLogger(out, name="tensorboard", version="", default_hp_metric=False)
+        )
+    return found
 
 
 def trainer_strategy(t: TrainConfig):

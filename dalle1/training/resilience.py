@@ -21,6 +21,8 @@
   update (no gradients, the optimizer leaves every weight as it is).
 - :class:`DataReportCallback` prints and logs the files skipped or converted
   (count and first paths) at the end of every epoch and of training.
+- :class:`InterruptCheckpoint`: Ctrl-C ends training after the current step with a
+  resumable checkpoint (:class:`TrainingInterrupted` tells the command line).
 - :class:`HistoryCSVLogger` + :class:`LogHistoryCallback` keep ``logs/metrics.csv``
   across kills and resumes: Lightning's own CSV logger deletes the file when a run
   starts; this one appends, rewrites atomically, carries the row of the batch a
@@ -44,7 +46,9 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import sys
+import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -375,6 +379,66 @@ class DataReportCallback(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._report(trainer, "end of training")
+
+
+# --- Ctrl-C: stop at the end of the step, save, say how to resume ---------------------------
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped training after ``step``; a resumable checkpoint is at ``checkpoint``."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"interrupted at step {step}; saved '{checkpoint}'")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class InterruptCheckpoint(L.Callback):
+    """The first Ctrl-C (SIGINT) ends training after the current optimizer step and saves
+    ``path`` there, exactly where a periodic checkpoint would be taken, so ``--resume``
+    continues as if never stopped. A second Ctrl-C stops at once, saving nothing.
+
+    :attr:`saved_step` is the step saved at (None: not interrupted).
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.requested = False
+        self.saved_step: int | None = None
+        self._previous = None
+        self._step_seen = -1
+
+    def _on_sigint(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+        print(
+            "\ndalle1: Ctrl-C: stopping after this step and saving a checkpoint "
+            "(Ctrl-C again stops at once, saving nothing)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stepped = trainer.global_step != self._step_seen  # this batch ended an optimizer step
+        self._step_seen = trainer.global_step
+        if self.requested and stepped and self.saved_step is None:
+            trainer.save_checkpoint(self.path)
+            self.saved_step = trainer.global_step
+            trainer.should_stop = True
+
+    def _restore(self) -> None:
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._restore()
 
 
 # --- the log history across kills and resumes ----------------------------------------------

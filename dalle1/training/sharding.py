@@ -39,7 +39,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from ..config import DALLEConfig
@@ -102,6 +102,17 @@ def build_dalle(
     if mesh is not None:
         fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def reshard(model: torch.nn.Module | None) -> None:
+    """Free the gathered parameters of every FSDP2 unit of ``model`` (no-op unsharded).
+
+    The root unit keeps its parameters gathered after a forward, expecting a backward; a
+    validation pass has none, so without this the next checkpoint and the end of training
+    would see whole parameters instead of shards."""
+    for unit in model.modules() if model is not None else ():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -23,7 +23,7 @@ from ..images import save_grid
 from ..transformer import DALLE, StreamShape
 from ..vae import DiscreteVAE, codebook_usage, psnr
 from .resilience import check_loss
-from .sharding import build_dalle
+from .sharding import build_dalle, reshard
 
 
 def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
@@ -52,6 +52,10 @@ class StageModule(L.LightningModule):
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def log_lr(self) -> None:
+        """The learning rate of this step (the warm-up and cosine schedule), as ``lr``."""
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
 
     def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
         """``train.nan_policy``: a NaN/Inf loss stops the run naming the step, or (``skip``)
@@ -97,11 +101,23 @@ class VAEModule(StageModule):
         extras["batch_psnr"] = psnr(logs["images"], images)
         extras["batch_usage"] = codebook_usage(logs["codes"], self.vae.codebook_size)["usage"]
         self.log_dict(extras)
+        self.log_lr()
         every = self.config.train.sample_every
         if every and self.global_step % every == 0 and self.trainer.is_global_zero:
             out = Path(self.config.train.out_dir) / "pictures" / f"recon_{self.global_step:07d}.png"
             save_grid(torch.cat([images[:8], logs["images"][:8]]), out, nrow=min(8, len(images)))
         return loss
+
+    def validation_step(self, batch, batch_idx):
+        """Held-out reconstruction of the encoder's argmax codes (as at inference)."""
+        images, _ = batch
+        recon = self.vae.decode(self.vae.encode(images))
+        mse = torch.nn.functional.mse_loss(recon, images)
+        self.log_dict(
+            {"val_mse": mse, "val_psnr": psnr(recon, images)},
+            batch_size=len(images),
+            sync_dist=True,
+        )
 
 
 class DALLEModule(StageModule):
@@ -147,7 +163,22 @@ class DALLEModule(StageModule):
             text = torch.where(drop[:, None], self.null_text.expand_as(text), text)
         loss, logs = self.dalle.loss(text, codes)
         self.log_dict({"loss": loss, **logs}, prog_bar=True)
+        self.log_lr()
         return loss
+
+    def validation_step(self, batch, batch_idx):
+        """Held-out cross-entropy in bits per text token and per image code (section 2.2)."""
+        text, codes = batch
+        loss, logs = self.dalle.loss(text, codes)
+        figures = {
+            "val_loss": loss,
+            "val_text_bits": logs["text_loss"] / math.log(2),
+            "val_image_bits": logs["image_loss"] / math.log(2),
+        }
+        self.log_dict(figures, batch_size=len(text), sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        reshard(self.dalle)  # sharded (train.strategy: fsdp): back to shards after the pass
 
 
 def _bf16_on_cpu(module: L.LightningModule) -> bool:
@@ -173,4 +204,11 @@ class CLIPModule(StageModule):
         images, text = batch
         loss, logs = self.clip(images, text)
         self.log_dict({"loss": loss, **logs}, prog_bar=True)
+        self.log_lr()
         return loss
+
+    def validation_step(self, batch, batch_idx):
+        """Held-out InfoNCE loss over each held-out batch."""
+        images, text = batch
+        loss, _ = self.clip(images, text)
+        self.log("val_loss", loss, batch_size=len(images), sync_dist=True)

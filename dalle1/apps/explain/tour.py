@@ -6,9 +6,11 @@ What it reads besides the model's weights, and where it looks first:
   given, else the model folder's own ``examples/`` (images with same-stem captions),
   else the held-out part of the training data named in ``config.json``
   (``data.path``, split as training split it);
-* the loss history: ``logs/metrics.csv`` (and the run's ``metrics.json``) inside the
-  model folder (or its ``vae/`` part), else beside the folder where ``train.py``
-  writes them (``train.out_dir/logs``).
+* the loss history: the model folder's ``history/`` (``dalle.csv``, ``vae.csv`` and the
+  runs' held-out ``dalle.json``, ``vae.json``: training copies them there), else
+  ``logs/metrics.csv`` (and the run's ``metrics.json``) inside the model folder (or its
+  ``vae/`` part), else beside the folder where ``train.py`` writes them
+  (``train.out_dir/logs``; older folders).
 
 A picture whose inputs are missing is skipped with the reason (``Explained.skipped``).
 """
@@ -106,9 +108,11 @@ def find_examples(
 
 
 def training_log(folder: Path, part: str | None, fallback: Path | None) -> Path | None:
-    """The ``metrics.csv`` of a part: inside the model folder first, then beside it."""
+    """The training log of a part: the folder's ``history/`` first (``vae.csv``, or
+    ``dalle.csv`` for the transformer), then ``metrics.csv`` inside the folder, then beside it."""
     inside = folder / part if part else folder
-    for candidate in (inside / "logs" / "metrics.csv", inside / "metrics.csv"):
+    kept = folder / "history" / f"{part or 'dalle'}.csv"
+    for candidate in (kept, inside / "logs" / "metrics.csv", inside / "metrics.csv"):
         if candidate.is_file():
             return candidate
     if fallback is not None and (fallback / "logs" / "metrics.csv").is_file():
@@ -117,8 +121,12 @@ def training_log(folder: Path, part: str | None, fallback: Path | None) -> Path 
 
 
 def held_out_file(log: Path) -> Path | None:
-    """The run's ``metrics.json``: beside ``logs/`` (train.out_dir) or beside the log."""
-    for candidate in (log.parent.parent / "metrics.json", log.parent / "held_out.json"):
+    """The run's held-out figures: ``history/<stage>.json`` beside ``history/<stage>.csv``,
+    ``metrics.json`` beside ``logs/`` (train.out_dir) or ``held_out.json`` beside the log."""
+    kept = log.with_suffix(".json") if log.parent.name == "history" else None
+    for candidate in (kept, log.parent.parent / "metrics.json", log.parent / "held_out.json"):
+        if candidate is None:
+            continue
         if candidate.is_file():
             return candidate
     return None
@@ -138,7 +146,7 @@ def explain(
     edit_prompt: str | None = None,
     edit_box: tuple[int, int, int, int] | None = None,
     edit_image: str | Path | None = None,
-    options: SamplingOptions = SamplingOptions(),
+    options: SamplingOptions | None = None,
     sweep_images: int = 8,
     candidates: int = 32,
     keep: int = 4,
@@ -155,13 +163,15 @@ def explain(
     edit_prompt: caption of the edit (default: ``prompt``); ``edit_box`` its pixel box
                  (default: the middle half) on ``edit_image`` (default: the first example).
     options:     sampling settings of the animation, the sweeps (each sweep varies its
-                 own knob), the reranking and the edit.
+                 own knob), the reranking and the edit (default: the folder's
+                 recommended ones, ``sampling.json``).
     sweep_images, candidates, keep: images per sweep row; reranked candidates and how
                  many are kept.
     """
     folder, out = Path(model), Path(out)
     pipe = DALLEPipeline.from_pretrained(folder, device=device)
     cfg, vae, dalle, tokenizer = pipe.config, pipe.vae, pipe.dalle, pipe.tokenizer
+    options = options if options is not None else pipe.recommended.options
     out.mkdir(parents=True, exist_ok=True)
     result = Explained()
     examples = find_examples(pipe, folder, images, max(num_recon, num_usage))
