@@ -35,14 +35,15 @@ demo: $(STAMP)
 	$(PY) sample.py --model outputs/demo/dalle/model $(DEMO_PROMPTS) \
 		--num-images 8 --seed 0 --out outputs/demo
 
-# Never-seen combinations (docs/quality.md): train both stages on built-in shapes with
+# Never-seen combinations (docs/quality.md): train the three stages on built-in shapes with
 # three colour x shape pairs held out, then measure the tokenizer and the samples on them.
 compose: $(STAMP)
 	$(PY) train.py --config configs/compose_vae.yaml --overwrite
 	$(PY) train.py --config configs/compose_dalle.yaml --overwrite
+	$(PY) train.py --config configs/compose_clip.yaml --overwrite
 	$(VENV)/bin/dalle1 eval-vae --model outputs/compose/vae/model --data data/compose --limit 1000 \
 		--out outputs/compose/eval-vae
-	$(VENV)/bin/dalle1 eval --model outputs/compose/dalle/model --compose \
+	$(VENV)/bin/dalle1 eval --model outputs/compose/dalle/model --compose --per-prompt 16 \
 		--out outputs/compose/compose.json
 
 # The pictures of docs/tour.md (docs/images/tour/) are the demo model's: `make demo` first
