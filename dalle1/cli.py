@@ -22,7 +22,6 @@ import errno
 import importlib.metadata
 import json
 import math
-import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -54,7 +53,7 @@ from .data.problems import DataProblems
 from .data.shards import write_shards
 from .editing import parse_box
 from .evaluation import evaluate_vae
-from .files import read_text
+from .files import make_writable_folder, read_text
 from .images import load_image, open_input, save_grid, stack_images
 from .pipeline import DALLEPipeline, check_count
 from .planning import GPUS, PlanOptions, format_plans, plan
@@ -988,10 +987,7 @@ def check_device(name: str) -> str:
 
 def _writable(folder: Path, flag: str) -> None:
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        make_writable_folder(folder)
     except OSError as err:
         raise ValueError(
             f"{flag} '{folder}' is not a writable folder ({err.strerror or err})"

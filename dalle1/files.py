@@ -85,6 +85,16 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 _FOLDER_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)(?:-|$))?")
 
 
+def make_writable_folder(folder: str | Path) -> None:
+    """Create ``folder`` if needed and prove a file can be written in it (OSError if not),
+    so a long job refuses a read-only or full output folder before it starts, not after."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True

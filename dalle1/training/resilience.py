@@ -66,7 +66,7 @@ from torch.utils.data import DataLoader, Sampler
 from ..checkpoint import CLIP_KEYS, DALLE_KEYS, VAE_KEYS
 from ..config import Config, ConfigError
 from ..data.problems import DataProblems
-from ..files import atomic_write
+from ..files import atomic_write, make_writable_folder
 
 log = logging.getLogger("dalle1")
 
@@ -613,10 +613,7 @@ def prepare_out_dir(config: Config, resume: bool = False, overwrite: bool = Fals
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.out_dir '{out}' is a file, not a folder")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        make_writable_folder(out)
     except OSError as err:
         raise ConfigError(
             f"train.out_dir '{out}' is not a writable folder ({err.strerror or err})"
