@@ -25,7 +25,7 @@ import math
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -128,25 +128,16 @@ def sampling_options(
 ) -> SamplingOptions:
     """The :class:`SamplingOptions` of the flags :func:`add_sampling_args` added, on top of
     ``base`` (the model's recommended options): flags left out keep base's values, and
-    ``--top-k 0`` / ``--top-p 1`` switch a filter off."""
+    ``--top-k 0`` / ``--top-p 1`` / ``--guidance-top-p 1`` switch a filter off."""
     base = base if base is not None else SamplingOptions()
-    given = {
-        "temperature": args.temperature,
-        "top_k": None if args.top_k == 0 else args.top_k,
-        "top_p": None if args.top_p is not None and args.top_p >= 1 else args.top_p,
-        "cond_scale": args.cond_scale,
-        "guidance_top_p": None
-        if args.guidance_top_p is not None and args.guidance_top_p >= 1
-        else args.guidance_top_p,
-    }
-    flags = {
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "top_p": args.top_p,
-        "cond_scale": args.cond_scale,
-        "guidance_top_p": args.guidance_top_p,
-    }
-    return replace(base, **{k: v for k, v in given.items() if flags[k] is not None})
+    given = {f.name: getattr(args, f.name, None) for f in fields(SamplingOptions)}
+    given = {k: v for k, v in given.items() if v is not None}  # flags left out keep base's
+    if given.get("top_k") == 0:
+        given["top_k"] = None
+    for name in ("top_p", "guidance_top_p"):  # a nucleus of 1 holds every code: off
+        if given.get(name, 0) >= 1:
+            given[name] = None
+    return replace(base, **given)
 
 
 @contextlib.contextmanager

@@ -507,3 +507,16 @@ def test_any_sampling_option_can_join_the_sweep(tiny_model, tmp_path):
     again = DALLEPipeline.from_pretrained(folder)
     assert again.recommended.options == rec.options
     assert again("a red circle", num_images=1).options == rec.options
+
+
+def test_sampling_flags_switch_filters_off_and_keep_the_rest():
+    """--top-k 0, --top-p 1 and --guidance-top-p 1 turn a filter off; flags left out keep the
+    base (recommended) values, given ones replace them."""
+    base = SamplingOptions(temperature=0.8, top_k=5, top_p=0.9, cond_scale=2.0, guidance_top_p=0.9)
+    args = ["sample", "--model", "m", "--prompt", "p"]
+    parse = build_parser().parse_args
+    assert sampling_options(parse(args), base) == base
+    off = parse([*args, "--top-k", "0", "--top-p", "1", "--guidance-top-p", "1"])
+    assert sampling_options(off, base) == SamplingOptions(temperature=0.8, cond_scale=2.0)
+    given = parse([*args, "--temperature", "0.5", "--guidance-top-p", "0.7", "--top-k", "9"])
+    assert sampling_options(given, base) == SamplingOptions(0.5, 9, 0.9, 2.0, 0.7)
