@@ -14,7 +14,7 @@ for each of ``--prompts`` held-out captions (the model's own train/held-out spli
 
 * by the package's own judge (dalle1.recommend.judge_images: the clip scorer when the
   folder has one, else the transformer's likelihood of the re-encoded image): 1 when its
-  own caption fits it better than every rival held-out caption;
+  own caption fits it better than each of its nearest rival captions among the prompts;
 * by an independent pixel oracle when the data set has one (``--oracle shapes`` reads
   colour / shape / size / place; ``--oracle glyphs`` reads colour and digit by template
   matching): the share of images showing everything their caption states.

@@ -12,8 +12,12 @@ sampled, each image is scored by the model's own **judge** and the simplest sett
 whose mean score lies within one standard error of the best one wins (the "one
 standard error" rule: a noisy sweep should not buy extra guidance or extra candidates
 for a difference it cannot resolve). The judge asks, for each image, whether its own
-caption fits it better than every rival held-out caption (the share of images for
-which it does is the setting's score: "samples matching their caption"):
+caption fits it better than every one of its **rivals**: the held-out captions nearest
+to it in words changed ("a large red circle" against "a large blue circle", "a small
+red circle", ...), so that a picture is only right when every attribute its caption
+names is (the share of images that beat all their rivals is the setting's score:
+"samples matching their caption"). Rivals far from the caption would pass a picture
+with the wrong colour as long as its shape and place differ from theirs.
 
 * with a contrastive scorer (``clip/``): by the cosine of image and caption;
 * without one: by the transformer's log-likelihood of the image's codes given each
@@ -134,15 +138,43 @@ def load_recommended(folder: str | Path) -> Recommended:
 # --- the judge ----------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def rivals(own: torch.Tensor, num_prompts: int, count: int) -> torch.Tensor:
-    """For each image, its own caption index then ``count`` others (the next ones, cyclically):
-    (M, 1 + count)."""
-    count = min(count, num_prompts - 1)
-    if count < 1:
-        raise ValueError("the judge needs at least two distinct captions")
-    shifts = torch.arange(count + 1, device=own.device)
-    return (own[:, None] + shifts[None]) % num_prompts
+def words_changed(a: str, b: str) -> int:
+    """Word-level edit distance: words inserted, deleted or replaced to turn ``a`` into ``b``."""
+    x, y = a.split(), b.split()
+    row = list(range(len(y) + 1))
+    for i, word in enumerate(x, 1):
+        diagonal, row[0] = row[0], i
+        for j, other in enumerate(y, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (word != other))
+    return row[-1]
+
+
+def nearest_rivals(
+    prompts: list[str], held_out: list[list[str]] | None = None, count: int = 7
+) -> list[list[str]]:
+    """For each prompt, ``count`` rival captions: the held-out caption lines nearest to it in
+    words changed ("a large red circle" -> "a large blue circle", "a small red circle").
+
+    Near rivals make the judge check every attribute the caption names: a picture with the
+    wrong colour still beats a rival that differs in shape, size and place, not one that
+    differs in colour alone. ``held_out`` holds each held-out image's caption lines; a
+    line that shares an image with the prompt is a paraphrase ("a red circle" for "a small
+    red circle on the left"), true of the same picture, so it is never a rival. Without
+    ``held_out`` the rivals are the other prompts. Ties break alphabetically.
+    """
+    groups = [list(g) for g in (held_out or [])] + [[p] for p in prompts]
+    pool = sorted({line for g in groups for line in g})
+    same_image: dict[str, set[str]] = {}
+    for g in groups:
+        for line in g:
+            same_image.setdefault(line, set()).update(g)
+    chosen = []
+    for p in prompts:
+        others = [c for c in pool if c not in same_image[p]]
+        if not others:
+            raise ValueError("the judge needs at least two distinct captions")
+        chosen.append(sorted(others, key=lambda c: (words_changed(p, c), c))[:count])
+    return chosen
 
 
 @torch.no_grad()
@@ -154,25 +186,33 @@ def judge_images(
     clip: CLIPScorer | None = None,
     dalle: DALLE | None = None,
     vae: DiscreteVAE | None = None,
-    rivals_per_image: int = 7,
+    rivals: list[list[str]] | None = None,
     batch_size: int = 256,
 ) -> torch.Tensor:
     """The judge's verdict on each image (M, 3, H, W) for its own caption ``prompts[own]``:
-    1 when the caption fits it better than every rival caption, else 0: (M,).
+    1 when the caption fits it better than every one of its rivals, else 0: (M,).
 
-    Fit is the clip cosine (every other caption is a rival), or without a scorer the
+    ``rivals[j]`` are prompt j's rival captions (default :func:`nearest_rivals` among the
+    prompts). Fit is the clip cosine of image and caption, or without a scorer the
     transformer's summed log-likelihood of the image's re-encoded codes given the caption
-    (``rivals_per_image`` rivals per image: one forward pass per image and caption).
+    (one forward pass per image and caption).
     """
-    text = tokenizer.encode(prompts).to(images.device)
-    own = own.to(images.device)
+    rivals = rivals if rivals is not None else nearest_rivals(prompts)
+    width = min(len(r) for r in rivals)
+    if width < 1:
+        raise ValueError("the judge needs at least one rival caption per prompt")
+    texts = list(dict.fromkeys([*prompts, *(c for r in rivals for c in r)]))
+    index = {t: i for i, t in enumerate(texts)}
+    table = torch.tensor(
+        [[index[p]] + [index[c] for c in r[:width]] for p, r in zip(prompts, rivals)]
+    )
+    columns = table.to(images.device)[own.to(images.device)]  # (M, 1 + width): own, rivals
+    text = tokenizer.encode(texts).to(images.device)
     if clip is not None:
-        columns = rivals(own, len(prompts), len(prompts) - 1)
         fit = (clip.encode_image(images) @ clip.encode_text(text).t()).gather(1, columns)
     else:
         if dalle is None or vae is None:
             raise ValueError("the likelihood judge needs the transformer and the dVAE")
-        columns = rivals(own, len(prompts), rivals_per_image)
         codes = vae.encode(images.clamp(0, 1))
         image_rows = torch.arange(len(codes), device=codes.device)[:, None].expand_as(columns)
         flat_i, flat_j = image_rows.flatten(), columns.flatten()
@@ -240,6 +280,8 @@ def choose(
     sweep: dict[str, list] | None = None,
     candidates: list[int] = (1,),
     images: int = 8,
+    held_out: list[list[str]] | None = None,
+    rivals_per_image: int = 7,
     seed: int = 0,
     batch_size: int = 64,
     log=None,
@@ -251,6 +293,8 @@ def choose(
     For ``c`` in ``candidates`` the pool of each caption is cut into groups of ``c``; the
     group's best by the reranker (:func:`dalle1.rerank.candidate_scores`: the clip
     scorer, else the transformer's likelihood) is the image that setting returns.
+    Each image's rivals are the ``rivals_per_image`` captions nearest its own among the
+    ``held_out`` images' caption lines (:func:`nearest_rivals`).
     ``log(line)`` receives one line per setting.
     """
     prompts = list(dict.fromkeys(p for p in prompts if p.strip()))
@@ -270,6 +314,7 @@ def choose(
     own = torch.tensor([j for j in range(len(prompts)) for _ in range(pool)], device=device)
     seeds = [seed + i for i in range(len(rows_text))]  # the same draws for every setting
     null = tokenizer.pad_row().to(device)
+    rivals = nearest_rivals(prompts, held_out, rivals_per_image)
     table: list[SweepRow] = []
     for index, opts in enumerate(tried):
         codes = []
@@ -279,7 +324,7 @@ def choose(
             codes.append(sample_codes(dalle, text, **asdict(opts), null_text=null, generators=gens))
         all_codes = torch.cat(codes)
         pixels = torch.cat([vae.decode(c).clamp(0, 1) for c in all_codes.split(batch_size)])
-        fit = judge_images(pixels, own, prompts, tokenizer, clip, dalle, vae)
+        fit = judge_images(pixels, own, prompts, tokenizer, clip, dalle, vae, rivals)
         text_all = tokenizer.encode(rows_text).to(device)
         rerank_scores = candidate_scores(pixels, text_all, all_codes, dalle, clip)
         for c in candidates:

@@ -31,10 +31,13 @@ from dalle1.pipeline import DALLEPipeline, TruncatedPromptWarning
 from dalle1.recommend import (
     Recommended,
     choose,
+    judge_images,
     load_recommended,
+    nearest_rivals,
     one_standard_error,
     save_recommended,
     settings,
+    words_changed,
 )
 from dalle1.rerank import rank
 from dalle1.sampling import SamplingOptions, sample_codes
@@ -85,6 +88,61 @@ def test_one_standard_error_rule_prefers_the_simpler_setting():
         (2.0, 1.0, 4),
         (2.0, 0.5, 4),
     ]
+
+
+def test_the_judges_rivals_are_the_nearest_captions_but_never_a_paraphrase():
+    assert words_changed("a large red circle", "a large blue circle") == 1
+    assert words_changed("a red circle", "a small red circle on the left") == 4
+    assert words_changed("", "a b") == 2 and words_changed("a b", "a b") == 0
+    held_out = [
+        ["a small red circle on the left", "a red circle on the left", "a red circle"],
+        ["a small blue circle on the left", "a blue circle"],
+        ["a small red square on the left"],
+        ["a large green triangle at the top"],
+    ]
+    prompts = ["a small red circle on the left", "a small blue circle on the left"]
+    near = nearest_rivals(prompts, held_out, count=3)
+    # one word away first (ties alphabetically); its own image's other lines are never rivals
+    assert near[0] == [
+        "a small blue circle on the left",  # 1 word changed
+        "a small red square on the left",  # 1
+        "a blue circle",  # 5, before "a large green triangle at the top" (5, alphabetically)
+    ]  # "a red circle on the left" (2 words) is a line of the prompt's own image: not a rival
+    assert near[1] == [
+        "a small red circle on the left",
+        "a red circle on the left",  # a paraphrase of another image: a true rival here
+        "a small red square on the left",
+    ]
+    # no held-out lines: the other prompts are the rivals
+    assert nearest_rivals(["a", "b", "c"], count=5) == [["b", "c"], ["a", "c"], ["a", "b"]]
+    with pytest.raises(ValueError, match="two distinct"):
+        nearest_rivals(["a red circle"], [["a red circle", "a circle"]])
+
+
+def test_the_judge_passes_an_image_only_when_its_caption_beats_every_rival():
+    """A scorer that reads colour only: a red picture beats the blue rival but not the
+    red-square one, so it fails against near rivals and passes against far ones."""
+
+    class ColourScorer(torch.nn.Module):
+        words = ["red", "blue", "green"]
+
+        def encode_image(self, images):
+            return images.mean((2, 3))
+
+        def encode_text(self, text):
+            rows = tokenizer.decode(text)
+            return torch.tensor([[float(w in r) for w in self.words] for r in rows])
+
+    tokenizer = TextTokenizer.train(["a red circle a blue square a green square"] * 4, 300, 12)
+    red = torch.zeros(1, 3, 4, 4)
+    red[:, 0] = 1
+    own = torch.tensor([0])
+    near = [["a blue circle", "a red square"]]
+    far = [["a blue circle", "a green square"]]
+    prompts = ["a red circle"]
+    judge = ColourScorer()
+    assert judge_images(red, own, prompts, tokenizer, judge, rivals=far).tolist() == [1.0]
+    assert judge_images(red, own, prompts, tokenizer, judge, rivals=near).tolist() == [0.0]
 
 
 def test_sampling_json_plugs_in_new_options_and_ignores_unknown_ones(tmp_path):

@@ -194,10 +194,10 @@ def _fit_dalle(
         tokenizer.vocab_size, tokenizer.text_len, vae.codebook_size, vae.grid_size, tokenizer.bos_id
     )
     module = DALLEModule(config, shape, tokenizer.pad_row())
-    held_captions = [lines[0] for lines in (data.val_captions or data.train_captions) if lines]
+    held_out = [lines for lines in (data.val_captions or data.train_captions) if lines]
     grids = []
     if config.train.sample_every > 0 and not _sharded(config.train.strategy):
-        shown = list(dict.fromkeys(held_captions))[:6]
+        shown = list(dict.fromkeys(lines[0] for lines in held_out))[:6]
         options = options_from_dict(config.sample.options, "sample.options")
         grids = [
             SampleGrids(out, config.train.sample_every, shown, tokenizer, vae, options=options)
@@ -219,7 +219,7 @@ def _fit_dalle(
     keep_in_model_folder(
         folder, out, "dalle", examples, vae.cfg.image_size, inherit=Path(config.dalle.vae)
     )
-    recommend_sampling(config, folder, dalle, vae, tokenizer, held_captions)
+    recommend_sampling(config, folder, dalle, vae, tokenizer, held_out)
     return folder
 
 
@@ -229,11 +229,12 @@ def recommend_sampling(
     dalle,
     vae,
     tokenizer: TextTokenizer,
-    captions: list[str],
+    held_out: list[list[str]],
     clip: CLIPScorer | None = None,
 ) -> Recommended:
     """Choose the folder's recommended sampling settings (:func:`dalle1.recommend.choose`,
-    the ``sample:`` section) on held-out ``captions``, write ``sampling.json``, print them.
+    the ``sample:`` section) on the held-out images' caption lines ``held_out`` (the first
+    line of each is a prompt; every line may be a rival), write ``sampling.json``, print them.
 
     Guidance needs a model trained with caption dropout: without ``dalle.p_uncond`` the
     sweep keeps ``cond_scale`` at 1. Reranking needs a scorer: without clip/ the sweep
@@ -244,7 +245,8 @@ def recommend_sampling(
     if config.dalle.p_uncond <= 0 and "cond_scale" in sweep:
         sweep.pop("cond_scale")
     candidates = list(s.candidates) if clip is not None else [1]
-    prompts = list(dict.fromkeys(captions))[: s.prompts]
+    held_out = held_out[:2000]  # the rival pool: enough for near rivals, quick to search
+    prompts = list(dict.fromkeys(lines[0] for lines in held_out if lines))[: s.prompts]
     judge = "the clip scorer" if clip is not None else "the transformer's likelihood"
     if len(prompts) < 2 or not sweep:
         why = "fewer than 2 distinct held-out captions" if len(prompts) < 2 else "nothing to sweep"
@@ -266,6 +268,7 @@ def recommend_sampling(
             sweep=sweep,
             candidates=candidates,
             images=s.images,
+            held_out=held_out,
             seed=s.seed,
             log=lambda line: print(line, flush=True),
         )
@@ -311,6 +314,7 @@ def fit_clip(config: Config, out: Path, train_pairs: list, val_pairs: list, ckpt
         return model
     held = data.val_set
     captions = [(c or [""])[0] for c in held.captions]
+    held_out = [list(c) for c in held.captions if c]
     if len(held) >= 32:
         images = torch.stack([held[i][0] for i in range(len(held))])
         _write_metrics(out, retrieval_accuracy(clip, tokenizer, images, captions))
@@ -319,7 +323,7 @@ def fit_clip(config: Config, out: Path, train_pairs: list, val_pairs: list, ckpt
     # the scorer is a better judge and a reranker: choose the sampling settings again with it
     folder_config, vae, dalle, tokenizer = load_parts(model)
     folder_config = replace(folder_config, sample=config.sample)
-    recommend_sampling(folder_config, model, dalle, vae, tokenizer, captions, clip=clip)
+    recommend_sampling(folder_config, model, dalle, vae, tokenizer, held_out, clip=clip)
     return model
 
 
