@@ -21,10 +21,14 @@ pipe would block forever, ``/dev/zero`` never ends), at most
 :data:`MAX_BYTES` of each kind of file, and, where a folder is the unit of
 trust (a model folder), symlinks are resolved and must stay inside it.
 Refusals are one-line :class:`UnsafeFileError` naming the file.
+
+The training log (Lightning's ``metrics.csv``) is read back by :func:`read_csv_log`,
+for the loss curves drawn during training and by ``dalle1 explain``.
 """
 
 from __future__ import annotations
 
+import csv
 import ctypes
 import errno
 import os
@@ -299,3 +303,22 @@ def read_text(path: str | Path, kind: str = "file", root: str | Path | None = No
     except UnicodeDecodeError as err:
         reason = f"is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start})"
         raise _refuse(kind, Path(path), reason) from None
+
+
+def read_csv_log(path: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """A Lightning CSVLogger file -> {column: [(step, value), …]} for every numeric column
+    but step / epoch; rows without a step and empty or non-numeric cells are skipped."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            step = row.get("step")
+            if not step:
+                continue
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in (None, ""):
+                    continue
+                try:
+                    series.setdefault(key, []).append((int(float(step)), float(value)))
+                except ValueError:
+                    continue
+    return series

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import shutil
 from dataclasses import asdict
@@ -26,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.captions import read_captions
-from ..files import atomic_write
+from ..files import atomic_write, read_csv_log
 from ..images import load_image, save_grid, tensor_to_pil
 from ..sampling import SamplingOptions, sample_codes
 from ..text import TextTokenizer
@@ -146,28 +145,10 @@ class SampleGrids(L.Callback):
 TRAIN_CURVES = ("loss", "text_loss", "image_loss", "recon_loss", "aux_loss")
 
 
-def read_log(path: str | Path) -> dict[str, list[tuple[int, float]]]:
-    """A CSVLogger file -> {column: [(step, value), …]} for every numeric column but step/epoch."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            step = row.get("step")
-            if not step:
-                continue
-            for key, value in row.items():
-                if key in ("step", "epoch") or value in (None, ""):
-                    continue
-                try:
-                    series.setdefault(key, []).append((int(float(step)), float(value)))
-                except ValueError:
-                    continue
-    return series
-
-
 def plot_history(log: str | Path, png: str | Path, title: str) -> Path | None:
     """Draw the losses (and held-out ``val_*`` figures) of a CSV log against the step, with
     the learning rate on a second axis; None when the log holds no loss yet."""
-    series = read_log(log)
+    series = read_csv_log(log)
     train = {k: v for k, v in series.items() if k in TRAIN_CURVES}
     held = {k: v for k, v in series.items() if k.startswith("val_")}
     if not train and not held:

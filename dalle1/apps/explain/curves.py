@@ -10,7 +10,6 @@ held-out values at the last step, converted to the same unit (nats).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from matplotlib import ticker
 from PIL import Image
 
+from ...files import read_csv_log
 from .figures import (
     IMAGE_COLOR,
     INK,
@@ -59,17 +59,9 @@ def read_metrics(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     A column counts when it is one of :data:`CURVE_COLORS` or a held-out column a
     validation loop logged under ``val_<name>`` with ``<name>`` one of them.
     """
-    series: dict[str, list[tuple[int, float]]] = {}
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            step = row.get("step")
-            if not step:
-                continue
-            for key, value in row.items():
-                wanted = key in CURVE_COLORS or (key.startswith("val_") and key[4:] in CURVE_COLORS)
-                if wanted and value not in (None, ""):
-                    series.setdefault(key, []).append((int(float(step)), float(value)))
-    return series
+    series = read_csv_log(path)
+    wanted = set(CURVE_COLORS) | {f"val_{name}" for name in CURVE_COLORS}
+    return {key: values for key, values in series.items() if key in wanted}
 
 
 def read_held_out(path: str | Path | None) -> dict[str, float]:
