@@ -33,6 +33,7 @@ settings travel with them.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import json
 import math
@@ -173,7 +174,7 @@ def nearest_rivals(
         others = [c for c in pool if c not in same_image[p]]
         if not others:
             raise ValueError("the judge needs at least two distinct captions")
-        chosen.append(sorted(others, key=lambda c: (words_changed(p, c), c))[:count])
+        chosen.append(heapq.nsmallest(count, others, key=lambda c: (words_changed(p, c), c)))
     return chosen
 
 
