@@ -14,6 +14,13 @@ step, as plain tensor functions over the weights the transformer hands it
   1.1–1.25× faster than by ``nn.Linear``'s ``(out, in)`` (paired timings, 2 threads, batch
   1–32), at the price of one copy of the layer weights while decoding. Elsewhere the
   matrices are transposed views (cuBLAS reads both layouts alike).
+* **Pre-packed matrices for many rows (CPU, float32).** From :data:`PACKED_ROWS` rows on,
+  a product of a few rows by a layer matrix is bound by arithmetic, not by reading the
+  weights, and MKL re-packs the matrix into its blocked layout at every call. The step
+  then multiplies by a copy packed once into oneDNN's blocked layout (the one
+  ``torch.compile`` uses on a CPU), with the feed-forward's GELU fused into the product:
+  1.6× faster at 8 rows (docs/benchmarks.md). One or two rows keep the plain product,
+  which is faster there. :class:`Matrix` holds both forms.
 * **A preallocated cache, written in place.** Keys and values of every layer live in
   ``(B, heads, capacity, dim_head)`` buffers; a step writes one position and reads a
   view, never a concatenation.
@@ -46,7 +53,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -59,18 +66,74 @@ EPS = 1e-5  # LayerNorm epsilon (torch's and x-transformers' default)
 Read = tuple[slice, ...] | torch.Tensor
 
 
+PACKED_ROWS = 3  # from this many rows on, a CPU float32 step multiplies by packed matrices
+
+
+def packing_available() -> bool:
+    """Whether this torch has oneDNN's packed linear (x86 and ARM CPU builds do)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@dataclass
+class Matrix:
+    """One matrix of the step, ``x @ weight (+ bias)``, optionally GELU after.
+
+    ``weight`` is input-major ``(in, out)`` (:func:`input_major`). ``packed``: the same
+    matrix in oneDNN's blocked layout (:meth:`pack`; CPU float32), used for products of
+    :data:`PACKED_ROWS` rows or more outside ``torch.compile`` (which packs by itself).
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    packed: torch.Tensor | None = None
+
+    def pack(self) -> Matrix:
+        """This matrix with its packed copy, where packing applies (else unchanged)."""
+        w = self.weight
+        if w.device.type != "cpu" or w.dtype != torch.float32 or not packing_available():
+            return self
+        # the batch-size hint picks the blocked layout; 8 rows' serves 3 to hundreds of rows
+        packed = torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), 8)
+        return Matrix(w, self.bias, packed)
+
+    def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        """x (..., in) -> (..., out)."""
+        flat = x.reshape(-1, x.shape[-1])
+        if (
+            self.packed is not None
+            and flat.shape[0] >= PACKED_ROWS
+            and not torch.compiler.is_compiling()
+        ):
+            # oneDNN's fused GELU is the exact (erf) one, as F.gelu
+            out = torch.ops.mkldnn._linear_pointwise(
+                flat, self.packed, self.bias, "gelu" if gelu else "none", [], "none" if gelu else ""
+            )
+        else:
+            out = project(flat, self.weight, self.bias)
+            out = F.gelu(out) if gelu else out
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def nbytes(self) -> int:
+        """Bytes of the matrix and its bias (the packed copy is the same numbers again)."""
+        parts = [self.weight] if self.bias is None else [self.weight, self.bias]
+        return sum(t.numel() * t.element_size() for t in parts)
+
+
 @dataclass
 class LayerWeights:
     """One pre-norm layer as the decode step reads it (x-transformers ``Decoder`` layer)."""
 
     norm: torch.Tensor  # attention pre-norm gain (a LayerNorm without bias)
-    qkv: torch.Tensor  # (dim, 3 · heads · dim_head): to_q, to_k, to_v side by side
-    out: torch.Tensor  # (heads · dim_head, dim)
+    qkv: Matrix  # (dim, 3 · heads · dim_head): to_q, to_k, to_v side by side
+    out: Matrix  # (heads · dim_head, dim)
     ff_norm: torch.Tensor  # feed-forward pre-norm gain
-    ff_in: torch.Tensor  # (dim, ff_mult · dim)
-    ff_in_bias: torch.Tensor
-    ff_out: torch.Tensor  # (ff_mult · dim, dim)
-    ff_out_bias: torch.Tensor
+    ff_in: Matrix  # (dim, ff_mult · dim), with its bias; GELU follows
+    ff_out: Matrix  # (ff_mult · dim, dim), with its bias
+
+    def pack(self) -> LayerWeights:
+        """The layer with its matrices packed (:meth:`Matrix.pack`)."""
+        q, o, i, f = (m.pack() for m in (self.qkv, self.out, self.ff_in, self.ff_out))
+        return LayerWeights(self.norm, q, o, self.ff_norm, i, f)
 
 
 @dataclass
@@ -83,8 +146,7 @@ class DecodeWeights:
     layers: list[LayerWeights]
     norm_weight: torch.Tensor  # final LayerNorm
     norm_bias: torch.Tensor
-    head_weight: torch.Tensor  # image logits head, input-major (dim, image_vocab)
-    head_bias: torch.Tensor
+    head: Matrix  # image logits head (dim, image_vocab), with its bias
     image_emb: torch.Tensor  # (image_vocab, dim)
     row_pos: torch.Tensor  # (grid, dim)
     col_pos: torch.Tensor  # (grid, dim)
@@ -95,10 +157,21 @@ class DecodeWeights:
     def nbytes(self) -> int:
         """Bytes one step reads from the weights: every layer, the norm and the head, and one
         row of each embedding table per batch row (counted once here)."""
-        big = [t for w in self.layers for t in vars(w).values()]
-        big += [self.norm_weight, self.norm_bias, self.head_weight, self.head_bias]
-        rows = [self.image_emb[0], self.row_pos[0], self.col_pos[0]]
-        return sum(t.numel() * t.element_size() for t in big + rows)
+        matrices = [m for w in self.layers for m in (w.qkv, w.out, w.ff_in, w.ff_out)]
+        vectors = [t for w in self.layers for t in (w.norm, w.ff_norm)]
+        vectors += [self.norm_weight, self.norm_bias, self.image_emb[0], self.row_pos[0]]
+        vectors += [self.col_pos[0]]
+        return sum(m.nbytes() for m in matrices + [self.head]) + sum(
+            t.numel() * t.element_size() for t in vectors
+        )
+
+    def pack(self) -> DecodeWeights:
+        """The weights with every matrix packed where packing applies (:meth:`Matrix.pack`)."""
+        return replace(self, layers=[w.pack() for w in self.layers], head=self.head.pack())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.weight.dtype
 
 
 def input_major(weight: torch.Tensor) -> torch.Tensor:
@@ -220,6 +293,13 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, read: Read
     return out
 
 
+def read_width(read: Read) -> int:
+    """How many cached positions a :data:`Read` names."""
+    if isinstance(read, torch.Tensor):
+        return len(read)
+    return sum(len(range(s.start, s.stop, s.step)) for s in read)
+
+
 def decode_layer(
     x: torch.Tensor,
     w: LayerWeights,
@@ -238,19 +318,20 @@ def decode_layer(
     """
     b, n, d = x.shape
     h = F.layer_norm(x, (d,), w.norm, eps=EPS)
-    q, k, v = project(h, w.qkv).view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = w.qkv(h).view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)
     stop = start + n
     keys.narrow(2, start, n).copy_(k)
     values.narrow(2, start, n).copy_(v)
     if n == 1:
-        out = attend(q, keys, values, read)
+        with intra_op_threads(read_threads(keys, read_width(read))):
+            out = attend(q, keys, values, read)
     else:
         past_k, past_v = keys.narrow(2, 0, stop), values.narrow(2, 0, stop)
         causal = read is None and start == 0
         out = F.scaled_dot_product_attention(q, past_k, past_v, attn_mask=read, is_causal=causal)
-    x = x + project(out.transpose(1, 2).reshape(b, n, -1), w.out)
+    x = x + w.out(out.transpose(1, 2).reshape(b, n, -1))
     h = F.layer_norm(x, (d,), w.ff_norm, eps=EPS)
-    return x + project(F.gelu(project(h, w.ff_in, w.ff_in_bias)), w.ff_out, w.ff_out_bias)
+    return x + w.ff_out(w.ff_in(h, gelu=True))
 
 
 # --- the static step (compiled / captured) ----------------------------------------------
@@ -281,7 +362,7 @@ def static_step(
     )  # (1 query, capacity keys)
     for lw, k_cache, v_cache, read in zip(w.layers, keys, values, reads):
         h = F.layer_norm(x, (d,), lw.norm, eps=EPS)
-        q, k, v = project(h, lw.qkv).view(b, 3, w.heads, 1, -1).unbind(1)
+        q, k, v = lw.qkv(h).view(b, 3, w.heads, 1, -1).unbind(1)
         k_cache.index_copy_(2, pos, k)
         v_cache.index_copy_(2, pos, v)
         if read is None:
@@ -294,16 +375,16 @@ def static_step(
                 v_cache.index_select(2, allowed),
                 attn_mask=read.bias[pos],  # (1 query, W keys)
             )
-        x = x + project(out.reshape(b, -1), lw.out)
+        x = x + lw.out(out.reshape(b, -1))
         h = F.layer_norm(x, (d,), lw.ff_norm, eps=EPS)
-        x = x + project(F.gelu(project(h, lw.ff_in, lw.ff_in_bias)), lw.ff_out, lw.ff_out_bias)
+        x = x + lw.ff_out(lw.ff_in(h, gelu=True))
     return logits(w, x)
 
 
 def logits(w: DecodeWeights, x: torch.Tensor) -> torch.Tensor:
     """Final LayerNorm and the image head: hidden states (..., dim) -> (..., image_vocab)."""
     h = F.layer_norm(x, x.shape[-1:], w.norm_weight, w.norm_bias, eps=EPS)
-    return project(h, w.head_weight, w.head_bias)
+    return w.head(h)
 
 
 SERIAL_ROWS = 32  # a CPU step over fewer rows than this runs on one thread (decode_threads)
@@ -323,17 +404,41 @@ def decode_threads(rows: int, device: torch.device) -> int:
     return 1
 
 
+# A one-query read of at least this many key + value bytes runs on every thread torch
+# was given, even inside a one-thread step: it streams several MB from memory, which two
+# cores do faster than one (1.3x at batch 8, grid 32), while at this size the products
+# around it are still too small to split (docs/benchmarks.md).
+PARALLEL_READ_BYTES = 4 << 20
+
+_outer_threads: list[int] = []  # the counts intra_op_threads blocks replaced, outermost first
+
+
 @contextmanager
 def intra_op_threads(n: int) -> Iterator[None]:
     """Run the block with ``torch.set_num_threads(n)``, then restore the previous count."""
     before = torch.get_num_threads()
+    _outer_threads.append(before)
     if n != before:
         torch.set_num_threads(n)
     try:
         yield
     finally:
+        _outer_threads.pop()
         if n != before:
             torch.set_num_threads(before)
+
+
+def read_threads(keys: torch.Tensor, width: int) -> int:
+    """Threads for one query's attention over ``width`` cached positions of ``keys``
+    (B, H, capacity, d): torch's own setting (outside any :func:`intra_op_threads`) for
+    a read of :data:`PARALLEL_READ_BYTES` or more on a CPU, else the current count."""
+    current = torch.get_num_threads()
+    if keys.device.type != "cpu":
+        return current
+    b, h, _, d = keys.shape
+    if 2 * b * h * width * d * keys.element_size() < PARALLEL_READ_BYTES:
+        return current
+    return _outer_threads[0] if _outer_threads else current
 
 
 def decode_mode(requested: str | None, device: torch.device) -> str:

@@ -49,6 +49,7 @@ from .config import DALLEConfig
 from .decoding import (
     DecodeWeights,
     LayerWeights,
+    Matrix,
     Read,
     StaticReads,
     StepRunner,
@@ -93,6 +94,11 @@ def _gain(norm: nn.Module) -> torch.Tensor:
     """The gain an x-transformers ``LayerNorm`` multiplies by: gamma, plus 1 with
     ``unit_offset`` (its Decoder's default: gamma is stored as the offset from 1)."""
     return (norm.gamma + float(norm.unit_offset)).detach()
+
+
+def _matrix(linear: nn.Linear) -> Matrix:
+    """An ``nn.Linear`` as the decode step multiplies it (:class:`dalle1.decoding.Matrix`)."""
+    return Matrix(input_major(linear.weight), linear.bias.detach())
 
 
 def dense_attention(dropout_p: float = 0.0, flash: bool = True) -> Attend:
@@ -348,7 +354,7 @@ class DALLE(nn.Module):
         w = cache.weights or self.decode_weights()
         for i, (lw, kind) in enumerate(zip(w.layers, self.kinds)):
             if cache.keys[i] is None:  # first write: zeros (a static step reads them, masked)
-                b, heads, dim_head = x.shape[0], w.heads, lw.qkv.shape[1] // (3 * w.heads)
+                b, heads, dim_head = x.shape[0], w.heads, lw.qkv.weight.shape[1] // (3 * w.heads)
                 shape = (b, heads, cache.capacity, dim_head)
                 cache.keys[i] = x.new_zeros(shape)
                 cache.values[i] = x.new_zeros(shape)
@@ -378,15 +384,15 @@ class DALLE(nn.Module):
             layers = [
                 LayerWeights(
                     norm=_gain(norm),
-                    qkv=input_major(
-                        torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
+                    qkv=Matrix(
+                        input_major(
+                            torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
+                        )
                     ),
-                    out=input_major(attn.to_out.weight),
+                    out=Matrix(input_major(attn.to_out.weight)),
                     ff_norm=_gain(ff_norm),
-                    ff_in=input_major(ff.ff[0][0].weight),
-                    ff_in_bias=ff.ff[0][0].bias.detach(),
-                    ff_out=input_major(ff.ff[2].weight),
-                    ff_out_bias=ff.ff[2].bias.detach(),
+                    ff_in=_matrix(ff.ff[0][0]),
+                    ff_out=_matrix(ff.ff[2]),
                 )
                 for norm, attn, ff_norm, ff in map(_layer_parts, self.layers)
             ]
@@ -394,8 +400,7 @@ class DALLE(nn.Module):
                 layers,
                 self.norm.weight.detach(),
                 self.norm.bias.detach(),
-                input_major(self.to_image_logits.weight),
-                self.to_image_logits.bias.detach(),
+                _matrix(self.to_image_logits),
                 self.image_emb.weight.detach(),
                 self.row_pos.weight.detach(),
                 self.col_pos.weight.detach(),
@@ -403,7 +408,7 @@ class DALLE(nn.Module):
                 grid=self.shape.grid,
                 n_text=self.shape.text_len + 1,
             )
-            self._decode_weights = (key, weights)
+            self._decode_weights = (key, weights.pack())
         return self._decode_weights[1]
 
     def allowed_keys(self, kind: str) -> torch.Tensor:
@@ -508,7 +513,7 @@ class DALLE(nn.Module):
         if cache.runner is not None and None not in cache.keys:
             at = torch.tensor([index], device=code.device)
             out = cache.runner(
-                w, cache.keys, cache.values, self.static_reads(w.head_weight.dtype), code, at
+                w, cache.keys, cache.values, self.static_reads(w.dtype), code, at
             )
             if out is not None:  # None: the compile / capture failed, decode eagerly
                 return out, Cache(

@@ -7,14 +7,18 @@ import torch
 import torch.nn.functional as F
 
 from dalle1.config import DALLEConfig
+import dalle1.decoding as decoding
 from dalle1.decoding import (
+    PACKED_ROWS,
     SERIAL_ROWS,
+    Matrix,
     StepRunner,
     attend,
     decode_mode,
     decode_threads,
     intra_op_threads,
     key_reads,
+    read_threads,
     runs,
     static_step,
 )
@@ -197,7 +201,7 @@ def test_moving_the_model_rebuilds_the_decode_weights():
     t = text(2)
     a = sample_codes(m, t, temperature=0)
     m.to(torch.float64)
-    assert m.decode_weights().layers[0].qkv.dtype == torch.float64
+    assert m.decode_weights().layers[0].qkv.weight.dtype == torch.float64
     b = sample_codes(m, t, temperature=0)
     assert torch.equal(a, b)
 
@@ -216,3 +220,60 @@ def test_per_row_draws_equal_a_per_row_multinomial():
         )
         got = pick(logits, 1.0, [torch.Generator().manual_seed(s) for s in seeds])
         assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("rows", [1, PACKED_ROWS, 8, 50])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_a_packed_matrix_multiplies_as_the_plain_product(rows, gelu):
+    g = torch.Generator().manual_seed(rows)
+    weight, bias = torch.randn(64, 96, generator=g), torch.randn(96, generator=g)
+    x = torch.randn(rows, 2, 64, generator=g)  # any leading shape: (rows, 2) rows of 64
+    expected = x @ weight + bias
+    expected = F.gelu(expected) if gelu else expected
+    packed = Matrix(weight, bias).pack()
+    assert decoding.packing_available() and packed.packed is not None
+    got = packed(x, gelu=gelu)
+    assert got.shape == (rows, 2, 96)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert packed.nbytes() == (64 * 96 + 96) * 4  # the packed copy is not counted twice
+
+
+def test_packing_applies_to_cpu_float32_only_and_can_be_absent(monkeypatch):
+    weight = torch.randn(8, 8)
+    assert Matrix(weight.double()).pack().packed is None  # oneDNN packs float32 here
+    monkeypatch.setattr(decoding, "packing_available", lambda: False)
+    plain = Matrix(weight).pack()
+    assert plain.packed is None
+    x = torch.randn(PACKED_ROWS + 1, 8)
+    assert torch.equal(plain(x), x @ weight)
+
+
+def test_packed_decoding_equals_plain_decoding_and_the_full_forward(monkeypatch):
+    # 8 rows take the packed products; the same model without packing takes the plain ones
+    m = make(["dense", "row", "column", "conv"])
+    t = text(8)
+    codes = torch.randint(0, 24, (8, 16), generator=torch.Generator().manual_seed(1))
+    assert m.decode_weights().layers[0].ff_in.packed is not None
+    packed = steps(m, t, codes)
+    monkeypatch.setattr(decoding, "packing_available", lambda: False)
+    m.reset_parameters()  # drop the derived decode weights: rebuilt without packing
+    assert m.decode_weights().layers[0].ff_in.packed is None
+    plain = steps(m, t, codes)
+    with torch.no_grad():
+        _, full = m(t, codes)
+    assert (packed - plain).abs().max() <= 1e-5
+    assert (packed - full).abs().max() <= 1e-4
+
+
+def test_a_large_read_runs_on_every_thread_inside_a_one_thread_step(monkeypatch):
+    before = torch.get_num_threads()
+    keys = torch.zeros(8, 8, 1024, 32)  # 2 x 8 x 8 x 512 x 32 x 4 bytes = 8 MB for 512 keys
+    with intra_op_threads(1):
+        assert read_threads(keys, 512) == before
+        assert read_threads(keys, 16) == 1  # 256 KB: stays on the step's one thread
+    assert read_threads(keys, 512) == before  # outside: torch's own setting anyway
+    # the same codes whichever way the reads are threaded
+    m, t = make(ALL_KINDS), text(3)
+    serial = sample_codes(m, t, temperature=0)
+    monkeypatch.setattr(decoding, "PARALLEL_READ_BYTES", 0)  # every read on every thread
+    assert torch.equal(sample_codes(m, t, temperature=0), serial)
