@@ -84,7 +84,10 @@ def step_bytes(model, batch: int) -> dict:
     w = model.decode_weights()
     n_text, N = model.shape.text_len + 1, model.shape.num_codes
     per_key = (
-        2 * w.heads * (w.layers[0].qkv.weight.shape[1] // (3 * w.heads)) * w.head.weight.element_size()
+        2
+        * w.heads
+        * (w.layers[0].qkv.weight.shape[1] // (3 * w.heads))
+        * w.head.weight.element_size()
     )
     keys = 0  # keys read by one row over all steps, all layers
     for kind in model.kinds:

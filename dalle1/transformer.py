@@ -512,9 +512,7 @@ class DALLE(nn.Module):
         w = cache.weights or self.decode_weights()
         if cache.runner is not None and None not in cache.keys:
             at = torch.tensor([index], device=code.device)
-            out = cache.runner(
-                w, cache.keys, cache.values, self.static_reads(w.dtype), code, at
-            )
+            out = cache.runner(w, cache.keys, cache.values, self.static_reads(w.dtype), code, at)
             if out is not None:  # None: the compile / capture failed, decode eagerly
                 return out, Cache(
                     cache.keys, cache.values, cache.length + 1, cache.capacity, w, cache.runner

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle1.config import DALLEConfig
 import dalle1.decoding as decoding
+from dalle1.config import DALLEConfig
 from dalle1.decoding import (
     PACKED_ROWS,
     SERIAL_ROWS,
