@@ -5,7 +5,6 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: demo test install lint format clean explain-docs compose
 

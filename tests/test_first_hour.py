@@ -514,13 +514,23 @@ def test_device_auto_is_the_default():
     assert resolve_device("auto").type == want and resolve_device("cpu").type == "cpu"
 
 
-@pytest.mark.parametrize("given, expect", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_the_thread_policy_is_set_before_torch_loads(given, expect):
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if given:
-        env["OMP_WAIT_POLICY"] = given
-    code = "import dalle1.cli, os, sys; print(os.environ.get('OMP_WAIT_POLICY'))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+@pytest.mark.parametrize(
+    "given, expect",
+    [
+        ({}, "None 1000"),  # nothing chosen: a short spin
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, "PASSIVE None"),  # the user's policy stands alone
+        ({"GOMP_SPINCOUNT": "50"}, "None 50"),
+    ],
+)
+def test_the_thread_spin_is_set_before_torch_loads(given, expect):
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = (
+        "import dalle1.cli, os, sys; "
+        "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**env, **given}, capture_output=True, text=True
+    )
     assert out.stdout.strip() == expect, out.stderr
 
 
