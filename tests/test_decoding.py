@@ -238,9 +238,22 @@ def test_a_packed_matrix_multiplies_as_the_plain_product(rows, gelu):
     assert packed.nbytes() == (64 * 96 + 96) * 4  # the packed copy is not counted twice
 
 
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_narrow_matrix_keeps_an_out_major_copy_for_few_rows(rows):
+    g = torch.Generator().manual_seed(rows)
+    narrow = Matrix(torch.randn(96, 32, generator=g), torch.randn(32, generator=g)).pack()
+    wide = Matrix(torch.randn(32, 96, generator=g)).pack()
+    assert narrow.out_major is not None and wide.out_major is None
+    assert narrow.out_major.shape == (32, 96) and narrow.out_major.is_contiguous()
+    x = torch.randn(rows, 96, generator=g)
+    expected = x @ narrow.weight + narrow.bias
+    assert (narrow(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
 def test_packing_applies_to_cpu_float32_only_and_can_be_absent(monkeypatch):
     weight = torch.randn(8, 8)
-    assert Matrix(weight.double()).pack().packed is None  # oneDNN packs float32 here
+    double = Matrix(weight.double()).pack()
+    assert double.packed is None and double.out_major is None  # float32 only
     monkeypatch.setattr(decoding, "packing_available", lambda: False)
     plain = Matrix(weight).pack()
     assert plain.packed is None
