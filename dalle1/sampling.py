@@ -29,7 +29,8 @@ before guidance, filtering and sampling.
 
 Speed: the step is :meth:`DALLE.step` (:mod:`dalle1.decoding`); ``decode=`` picks its
 form (eager, compiled, CUDA graph; default ``$DALLE1_DECODE`` or ``auto``). On a CPU a
-cached loop over fewer than 32 rows runs on one thread (:func:`dalle1.decoding.decode_threads`).
+cached loop over fewer than 32 rows runs on one thread (:func:`dalle1.decoding.decode_threads`),
+except for reads of several MB of keys and values (:func:`dalle1.decoding.read_threads`).
 """
 
 from __future__ import annotations
