@@ -71,9 +71,25 @@ Read = tuple[slice, ...] | torch.Tensor
 PACKED_ROWS = 3  # from this many rows on, a CPU float32 step multiplies by packed matrices
 
 
+# The faster copies cost memory (about 1.3x the matrices again): above this many bytes
+# of matrices a model decodes from the input-major copy alone.
+PACK_MAX_BYTES = 2 << 30
+
+
 def packing_available() -> bool:
     """Whether this torch has oneDNN's packed linear (x86 and ARM CPU builds do)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def reorder(out_in: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's blocked copy of an ``(out, in)`` matrix, or None where oneDNN cannot make it."""
+    if not packing_available():
+        return None
+    try:
+        # the batch-size hint picks the blocked layout; 8 rows' serves 3 to hundreds of rows
+        return torch.ops.mkldnn._reorder_linear_weight(out_in, 8)
+    except RuntimeError:  # a CPU or build without the kernel: the plain products serve
+        return None
 
 
 @dataclass
@@ -100,9 +116,7 @@ class Matrix:
             return self
         out_in = w.t().contiguous()
         narrow = out_in if w.shape[0] > w.shape[1] else None
-        # the batch-size hint picks the blocked layout; 8 rows' serves 3 to hundreds of rows
-        packed = torch.ops.mkldnn._reorder_linear_weight(out_in, 8) if packing_available() else None
-        return Matrix(w, self.bias, packed, narrow)
+        return Matrix(w, self.bias, reorder(out_in), narrow)
 
     def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
@@ -177,7 +191,10 @@ class DecodeWeights:
         )
 
     def pack(self) -> DecodeWeights:
-        """The weights with every matrix packed where packing applies (:meth:`Matrix.pack`)."""
+        """The weights with every matrix packed where packing applies (:meth:`Matrix.pack`),
+        unless the matrices hold more than :data:`PACK_MAX_BYTES` (then unchanged)."""
+        if self.nbytes() > PACK_MAX_BYTES:
+            return self
         return replace(self, layers=[w.pack() for w in self.layers], head=self.head.pack())
 
     @property

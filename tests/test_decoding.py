@@ -261,6 +261,29 @@ def test_packing_applies_to_cpu_float32_only_and_can_be_absent(monkeypatch):
     assert torch.equal(plain(x), x @ weight)
 
 
+def test_a_failing_reorder_or_a_large_model_decodes_unpacked(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("oneDNN: unsupported platform")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", broken)
+    weight = torch.randn(16, 8)
+    m = Matrix(weight).pack()
+    assert m.packed is None and m.out_major is not None  # the (out, in) copy needs no oneDNN
+    x = torch.randn(PACKED_ROWS + 2, 16)
+    assert (m(x) - x @ weight).abs().max() <= 1e-5
+    monkeypatch.undo()
+    model = make(["dense", "row"])
+    monkeypatch.setattr(decoding, "PACK_MAX_BYTES", 1000)  # smaller than any model here
+    model.reset_parameters()
+    w = model.decode_weights()
+    assert all(layer.qkv.packed is None and layer.ff_out.out_major is None for layer in w.layers)
+    t = text(4)
+    codes = torch.randint(0, 24, (4, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        _, full = model(t, codes)
+    assert (steps(model, t, codes) - full).abs().max() <= 1e-4
+
+
 def test_packed_decoding_equals_plain_decoding_and_the_full_forward(monkeypatch):
     # 8 rows take the packed products; the same model without packing takes the plain ones
     m = make(["dense", "row", "column", "conv"])
