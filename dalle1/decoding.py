@@ -96,9 +96,11 @@ def reorder(out_in: torch.Tensor) -> torch.Tensor | None:
 class Matrix:
     """One matrix of the step, ``x @ weight (+ bias)``, optionally GELU after.
 
-    ``weight`` is input-major ``(in, out)`` (:func:`input_major`). ``packed``: the same
-    matrix in oneDNN's blocked layout (:meth:`pack`; CPU float32), used for products of
-    :data:`PACKED_ROWS` rows or more outside ``torch.compile`` (which packs by itself).
+    ``weight`` is input-major ``(in, out)`` (:func:`input_major`). :meth:`pack` adds, on a
+    CPU in float32, ``packed`` (the matrix in oneDNN's blocked layout, for products of
+    :data:`PACKED_ROWS` rows or more) and, for a matrix with more inputs than outputs,
+    ``out_major`` (``(out, in)`` contiguous, for fewer rows). A compiled step
+    (``torch.compile``) uses ``weight`` alone.
     """
 
     weight: torch.Tensor
@@ -121,17 +123,15 @@ class Matrix:
     def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
         flat = x.reshape(-1, x.shape[-1])
-        if (
-            self.packed is not None
-            and flat.shape[0] >= PACKED_ROWS
-            and not torch.compiler.is_compiling()
-        ):
+        eager = not torch.compiler.is_compiling()  # a compiled step packs by itself
+        if self.packed is not None and eager and len(flat) >= PACKED_ROWS:
             # oneDNN's fused GELU is the exact (erf) one, as F.gelu
+            act, algorithm = ("gelu", "none") if gelu else ("none", "")
             out = torch.ops.mkldnn._linear_pointwise(
-                flat, self.packed, self.bias, "gelu" if gelu else "none", [], "none" if gelu else ""
+                flat, self.packed, self.bias, act, [], algorithm
             )
         else:
-            if self.out_major is not None and not torch.compiler.is_compiling():
+            if self.out_major is not None and eager:
                 out = F.linear(flat, self.out_major, self.bias)
             else:
                 out = project(flat, self.weight, self.bias)
@@ -165,8 +165,8 @@ class LayerWeights:
 class DecodeWeights:
     """Everything one decode step reads: the layers, the final norm, the image head.
 
-    Matrices are input-major ``(in, out)`` (:func:`input_major`), multiplied by
-    :func:`project`."""
+    Each matrix is a :class:`Matrix` (input-major, with its faster CPU copies after
+    :meth:`pack`)."""
 
     layers: list[LayerWeights]
     norm_weight: torch.Tensor  # final LayerNorm
