@@ -83,12 +83,7 @@ def step_bytes(model, batch: int) -> dict:
     """Bytes one decode step reads, averaged over the steps of a whole generation."""
     w = model.decode_weights()
     n_text, N = model.shape.text_len + 1, model.shape.num_codes
-    per_key = (
-        2
-        * w.heads
-        * (w.layers[0].qkv.weight.shape[1] // (3 * w.heads))
-        * w.head.weight.element_size()
-    )
+    per_key = 2 * w.heads * w.dim_head * w.head.weight.element_size()
     keys = 0  # keys read by one row over all steps, all layers
     for kind in model.kinds:
         reads = model.key_reads(kind)

@@ -201,6 +201,11 @@ class DecodeWeights:
     def dtype(self) -> torch.dtype:
         return self.head.weight.dtype
 
+    @property
+    def dim_head(self) -> int:
+        """Width of one head's keys and values (the stacked q, k, v hold 3 · heads of them)."""
+        return self.layers[0].qkv.weight.shape[1] // (3 * self.heads)
+
 
 def input_major(weight: torch.Tensor) -> torch.Tensor:
     """An ``nn.Linear`` weight ``(out, in)`` as the step multiplies it: ``(in, out)``,

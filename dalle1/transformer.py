@@ -354,8 +354,7 @@ class DALLE(nn.Module):
         w = cache.weights or self.decode_weights()
         for i, (lw, kind) in enumerate(zip(w.layers, self.kinds)):
             if cache.keys[i] is None:  # first write: zeros (a static step reads them, masked)
-                b, heads, dim_head = x.shape[0], w.heads, lw.qkv.weight.shape[1] // (3 * w.heads)
-                shape = (b, heads, cache.capacity, dim_head)
+                shape = (x.shape[0], w.heads, cache.capacity, w.dim_head)
                 cache.keys[i] = x.new_zeros(shape)
                 cache.values[i] = x.new_zeros(shape)
             if x.shape[1] == 1:
