@@ -356,7 +356,7 @@ def decode_layer(
     keys.narrow(2, start, n).copy_(k)
     values.narrow(2, start, n).copy_(v)
     if n == 1:
-        with intra_op_threads(read_threads(keys, read_width(read))):
+        with intra_op_threads(read_threads(keys, read)):
             out = attend(q, keys, values, read)
     else:
         past_k, past_v = keys.narrow(2, 0, stop), values.narrow(2, 0, stop)
@@ -461,15 +461,18 @@ def intra_op_threads(n: int) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def read_threads(keys: torch.Tensor, width: int) -> int:
-    """Threads for one query's attention over ``width`` cached positions of ``keys``
+def read_threads(keys: torch.Tensor, read: Read) -> int:
+    """Threads for one query's attention over the positions ``read`` names in ``keys``
     (B, H, capacity, d): torch's own setting (outside any :func:`intra_op_threads`) for
-    a read of :data:`PARALLEL_READ_BYTES` or more on a CPU, else the current count."""
+    a read of :data:`PARALLEL_READ_BYTES` or more of keys and values on a CPU, else the
+    current count."""
     current = torch.get_num_threads()
-    if keys.device.type != "cpu":
+    b, h, capacity, d = keys.shape
+    per_position = 2 * b * h * d * keys.element_size()  # one key and one value
+    # the whole cache is below the threshold at most steps of small batches: no counting
+    if keys.device.type != "cpu" or per_position * capacity < PARALLEL_READ_BYTES:
         return current
-    b, h, _, d = keys.shape
-    if 2 * b * h * width * d * keys.element_size() < PARALLEL_READ_BYTES:
+    if per_position * read_width(read) < PARALLEL_READ_BYTES:
         return current
     return _outer_threads[0] if _outer_threads else current
 

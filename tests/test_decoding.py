@@ -305,9 +305,10 @@ def test_a_large_read_runs_on_every_thread_inside_a_one_thread_step(monkeypatch)
     before = torch.get_num_threads()
     keys = torch.zeros(8, 8, 1024, 32)  # 2 x 8 x 8 x 512 x 32 x 4 bytes = 8 MB for 512 keys
     with intra_op_threads(1):
-        assert read_threads(keys, 512) == before
-        assert read_threads(keys, 16) == 1  # 256 KB: stays on the step's one thread
-    assert read_threads(keys, 512) == before  # outside: torch's own setting anyway
+        assert read_threads(keys, (slice(0, 512, 1),)) == before
+        assert read_threads(keys, (slice(0, 8, 1), slice(8, 520, 64))) == 1  # 16 keys: 256 KB
+        assert read_threads(keys[:1], (slice(0, 1024, 1),)) == 1  # a 2 MB cache: never counted
+    assert read_threads(keys, (slice(0, 512, 1),)) == before  # outside: torch's own setting
     # the same codes whichever way the reads are threaded
     m, t = make(ALL_KINDS), text(3)
     serial = sample_codes(m, t, temperature=0)
