@@ -1,11 +1,15 @@
 """Training with DALL-E's sparse masks vs dense attention: speed and memory, one run.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attention.py            # ~8 min, 2 busy cores
+    python benchmarks/bench_attention.py --precision bf16-mixed --memory     # bf16 autocast, speed only
     python benchmarks/bench_attention.py --speed 16x8 --memory 16 --steps 3  # a quick look
 
 The model is the side-by-side comparison's shape: dim 256, depth 6, 8 heads × 32, ff ×4,
 text length 32 (1000 BPE tokens + 32 pads), image vocabulary 1024, random weights;
 ``dalle`` is the paper's schedule (row, column, row, row, row, conv 11×11).
+``--precision bf16-mixed`` runs every step under CPU bf16 autocast with the attention
+kernels the trainer picks for it (``set_flash_attention(model, False)``: matmul blocks
+for the sparse layers; the fused kernel for dense layers this long, ``PLAIN_DENSE_MAX``).
 
 * **speed**: one training step = forward over the whole stream, DALL-E's loss, backward,
   AdamW. Dense and ``dalle`` models live in one process and their steps alternate
@@ -44,6 +48,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from dalle1.config import DALLEConfig  # noqa: E402
+from dalle1.training.systems import set_flash_attention  # noqa: E402
 from dalle1.transformer import DALLE, StreamShape  # noqa: E402
 
 MODEL = dict(dim=256, depth=6, heads=8, dim_head=32, ff_mult=4, conv_kernel=11)
@@ -62,11 +67,15 @@ def batch_of(grid: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     return text, torch.randint(0, IMAGE_VOCAB, (batch, grid * grid), generator=g)
 
 
-def trainer(model: DALLE, text: torch.Tensor, codes: torch.Tensor):
+def trainer(model: DALLE, text: torch.Tensor, codes: torch.Tensor, precision: str = "32-true"):
+    """One training step as a function, under ``precision`` as the trainer runs it."""
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    bf16 = precision == "bf16-mixed"
+    set_flash_attention(model, not bf16)
 
     def step() -> None:
-        loss, _ = model.loss(text, codes)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss, _ = model.loss(text, codes)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -80,10 +89,10 @@ def clock(fn) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def speed(grid: int, batch: int, warmup: int, steps: int) -> dict:
+def speed(grid: int, batch: int, warmup: int, steps: int, precision: str) -> dict:
     """Dense and dalle training steps, interleaved in this process."""
     text, codes = batch_of(grid, batch)
-    steps_of = {a: trainer(build(a, grid), text, codes) for a in ("dense", "dalle")}
+    steps_of = {a: trainer(build(a, grid), text, codes, precision) for a in ("dense", "dalle")}
     times: dict[str, list[tuple[float, float]]] = {a: [] for a in steps_of}
     for _ in range(warmup):
         for step in steps_of.values():
@@ -118,9 +127,9 @@ def _status_mb(field: str) -> float:
     raise RuntimeError(field)
 
 
-def memory_worker(attention: str, grid: int, batch: int, steps: int) -> dict:
+def memory_worker(attention: str, grid: int, batch: int, steps: int, precision: str) -> dict:
     """Run in a fresh process: peak RSS of training steps above the RSS before them."""
-    step = trainer(build(attention, grid), *batch_of(grid, batch))
+    step = trainer(build(attention, grid), *batch_of(grid, batch), precision)
     step()  # optimizer state and gradients exist from here on
     base = _status_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
@@ -131,10 +140,10 @@ def memory_worker(attention: str, grid: int, batch: int, steps: int) -> dict:
     return {"base_mb": round(base, 1), "peak_mb": round(peak, 1), "step_mb": round(peak - base, 1)}
 
 
-def memory(attention: str, grid: int, batch: int, steps: int, threads: int) -> dict:
+def memory(attention: str, grid: int, batch: int, steps: int, threads: int, precision: str) -> dict:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [sys.executable, __file__, "--memory-worker", f"{attention},{grid},{batch},{steps}"]
-    cmd += ["--threads", str(threads)]
+    cmd += ["--threads", str(threads), "--precision", precision]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return {"attention": attention, "grid": f"{grid}x{grid}", "batch": batch, **json.loads(out)}
 
@@ -199,16 +208,20 @@ def main() -> None:
     ap.add_argument("--memory-batch", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per attention")
+    ap.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
     ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_worker:
         attention, grid, batch, steps = args.memory_worker.split(",")
-        print(json.dumps(memory_worker(attention, int(grid), int(batch), int(steps))))
+        print(
+            json.dumps(memory_worker(attention, int(grid), int(batch), int(steps), args.precision))
+        )
         return
     report = {
         "benchmark": "attention",
         "threads": torch.get_num_threads(),
+        "precision": args.precision,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "model": {**MODEL, "text_len": TEXT_LEN, "text_bpe": TEXT_BPE, "image_vocab": IMAGE_VOCAB},
@@ -218,11 +231,12 @@ def main() -> None:
     }
     for spec in args.speed:
         grid, batch = (int(x) for x in spec.split("x"))
-        report["speed"].append(speed(grid, batch, args.warmup, args.steps))
+        report["speed"].append(speed(grid, batch, args.warmup, args.steps, args.precision))
         print(json.dumps(report["speed"][-1]), file=sys.stderr)  # progress
     for grid in args.memory:
         for attention in ("dense", "dalle"):
-            report["memory"].append(memory(attention, grid, args.memory_batch, 2, args.threads))
+            row = memory(attention, grid, args.memory_batch, 2, args.threads, args.precision)
+            report["memory"].append(row)
             print(json.dumps(report["memory"][-1]), file=sys.stderr)
     report["layer_memory"] = layer_memory(args.memory or [16, 32, 48], args.memory_batch)
     report["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]

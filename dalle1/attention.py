@@ -26,6 +26,11 @@ Because the row and conv masks depend only on the raster distance ``q − k``
 (:func:`dalle1.masks.image_offsets`), every block reads the same set of codes relative to
 its first one. The first blocks reach before the image: those keys are masked.
 
+Kernels. ``fused=True`` (the default) runs the blocks through SDPA's fused kernel;
+``fused=False`` through two batched matrix products and a float32 softmax
+(:func:`_matmul_attention`), which bf16 training on a CPU takes: there the fused kernel's
+bf16 backward is slow on small blocks (``DALLE.flash``, docs/benchmarks.md).
+
 Memory. Each image key appears in several blocks, so the gathered blocks are copies.
 SDPA would keep them for its backward pass; :func:`_blocks` keeps only how to gather
 them again (the sources ``q, k, v`` are kept anyway), so a sparse layer keeps what a
@@ -57,7 +62,7 @@ class BlockPlan:
     queries are the stream positions ``queries[j]``; it reads the stream positions
     ``keys[j]`` (the text first, then the image codes any of its queries may see) under
     ``mask[j]``. Positions past the end of a shorter stream are redirected at run time
-    (:func:`_gather`).
+    (:func:`_redirect`).
     """
 
     kind: str
@@ -70,10 +75,11 @@ class BlockPlan:
     raster_slot: torch.Tensor  # (grid²,) long: the slot holding each image code
 
 
-def default_block(kind: str, grid: int) -> int:
-    """Queries per block: one grid row (a column for ``column``); two rows for conv once
-    rows have 8 codes or more (fewer, larger blocks measured faster on CPU at grid 32)."""
-    return grid * (2 if kind == "conv" and grid >= 8 else 1)
+def default_block(kind: str, grid: int, fused: bool = True) -> int:
+    """Queries per block: one grid row (a column for ``column``); for the fused kernel, two
+    rows for conv once rows have 8 codes or more (fewer, larger blocks measured faster on
+    CPU at grid 32; the matrix products of ``fused=False`` prefer one row)."""
+    return grid * (2 if kind == "conv" and grid >= 8 and fused else 1)
 
 
 def block_plan(
@@ -83,19 +89,21 @@ def block_plan(
     conv_kernel: int = 11,
     device: torch.device = CPU,
     block: int | None = None,
+    fused: bool = True,
 ) -> BlockPlan:
     """The plan of a sparse kind (row, column or conv), its tensors on ``device``.
 
     ``block`` overrides the block size of row and conv (tests use sizes that do not
-    divide the grid); a column block is always one column. Built on the CPU (some steps
-    are data-dependent, which the meta device cannot run), then moved.
+    divide the grid), which is otherwise :func:`default_block` for the kernel (``fused``)
+    the plan is meant for; a column block is always one column. Built on the CPU (some
+    steps are data-dependent, which the meta device cannot run), then moved.
     """
-    plan = _build_plan(kind, text, grid, conv_kernel, block)
+    plan = _build_plan(kind, text, grid, conv_kernel, block or default_block(kind, grid, fused))
     tensors = ("queries", "keys", "mask", "raster_slot")
     return replace(plan, **{name: getattr(plan, name).to(device) for name in tensors})
 
 
-def _build_plan(kind: str, text: int, grid: int, conv_kernel: int, block: int | None) -> BlockPlan:
+def _build_plan(kind: str, text: int, grid: int, conv_kernel: int, block: int) -> BlockPlan:
     device = CPU  # explicit, so that a torch.device("meta") context never reaches here
     n = grid * grid
     if kind == "column":  # transposed layout: block c is column c and reads itself
@@ -103,7 +111,7 @@ def _build_plan(kind: str, text: int, grid: int, conv_kernel: int, block: int | 
         queries = transpose_order(grid, device).view(grid, grid)  # raster index per slot
         image_keys = queries
     elif kind in ("row", "conv"):  # raster layout: block j reads a window before it
-        b = block or default_block(kind, grid)
+        b = block
         blocks = -(-n // b)  # the last block is padded when b does not divide grid²
         queries = torch.arange(blocks * b, device=device).view(blocks, b)
         # the codes any query of a block may see, relative to the block's first code
@@ -136,15 +144,17 @@ def _build_plan(kind: str, text: int, grid: int, conv_kernel: int, block: int | 
     )
 
 
-def _gather(x: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-    """Stream positions ``index`` of x (B, S, heads, d) -> (len(index), B, heads, d).
+def storage(t: torch.Tensor) -> int:
+    """Where a tensor's memory starts: the same for a tensor and every view of it."""
+    return t.untyped_storage().data_ptr()
 
-    Positions past the stream's end (padding of the last block, or codes after a shorter
+
+def _redirect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Positions past the stream's end (padding of the last block, or codes after a shorter
     prefix) read position 0 instead: they come after every real query in its layout's
     causal order, so no real query's mask lets it see them, and their own outputs are
-    dropped.
-    """
-    return x.transpose(0, 1).index_select(0, index.where(index < size, 0))
+    dropped."""
+    return index.where(index < size, 0)
 
 
 def _blocks(
@@ -155,45 +165,79 @@ def _blocks(
     lo: int,
     hi: int,
     dropout_p: float,
+    fused: bool = True,
 ) -> torch.Tensor:
-    """Attention of blocks ``lo … hi-1`` -> ((hi - lo) · b, B, heads, d), in slot order.
+    """Attention of blocks ``lo … hi-1`` -> (B, (hi - lo) · b, heads · d), in slot order.
 
-    SDPA's batch dimension runs over the blocks and its head dimension over (sample,
-    head), so that one ``(blocks, 1, b, K)`` mask serves every sample and head.
+    Each kernel gets the blocks in a layout it reads without another copy:
+
+    * fused (SDPA): batch (sample, block), heads, then ``(b or K, d)``. The rows are
+      gathered along the stream axis of the projections' own layout: whole ``heads · d``
+      rows, about 4x faster on CPU than gathering a transposed view. The blocks' masks
+      are repeated for each sample.
+    * matmul (:func:`_matmul_attention`): (sample, head, block, ``b or K``, d) gathered
+      from a heads-first copy, whose three batch axes fold into one batched product;
+      the ``(blocks, b, K)`` masks broadcast.
     """
     batch, size, heads, dim = q.shape
     blocks, b, width = hi - lo, plan.block, plan.keys.shape[1]
 
     def gather(x: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
-        rows = _gather(x, index[lo:hi].flatten(), size)  # (blocks · length, B, heads, d)
-        return rows.view(blocks, length, batch * heads, dim).transpose(1, 2)
+        index = _redirect(index[lo:hi].flatten(), size)
+        if fused:  # (B, blocks · length, heads, d) -> (B · blocks, heads, length, d)
+            rows = x.index_select(1, index).view(batch * blocks, length, heads, dim)
+            return rows.transpose(1, 2)
+        rows = x.transpose(1, 2).contiguous().index_select(2, index)  # (B, heads, ·, d)
+        return rows.view(batch, heads, blocks, length, dim)
 
     queries = gather(q, plan.queries, b)
     keys, values = gather(k, plan.keys, width), gather(v, plan.keys, width)
-    # SDPA keeps its inputs for the backward pass. For the gathered blocks keep only how
-    # to gather them again: a key sits in several blocks, and a gather costs far less
-    # than keeping the copies.
+    # Both kernels keep their inputs for the backward pass. For the gathered blocks (and
+    # views of them, such as the transposed keys of a product) keep only how to gather
+    # them again: a key sits in several blocks, and a gather costs far less than keeping
+    # the copies.
     recipes = {
-        id(queries): (q, plan.queries, b),
-        id(keys): (k, plan.keys, width),
-        id(values): (v, plan.keys, width),
+        storage(queries): (q, plan.queries, b),
+        storage(keys): (k, plan.keys, width),
+        storage(values): (v, plan.keys, width),
     }
 
     def pack(t: torch.Tensor) -> torch.Tensor | tuple:
-        return recipes.get(id(t), t)
+        recipe = recipes.get(storage(t))
+        return t if recipe is None else (recipe, t.shape, t.stride(), t.storage_offset())
 
     def unpack(saved: torch.Tensor | tuple) -> torch.Tensor:
         if isinstance(saved, tuple):
-            x, index, length = saved
+            (x, index, length), shape, stride, offset = saved
             with torch.no_grad():
-                return gather(x.detach(), index, length)
+                return gather(x.detach(), index, length).as_strided(shape, stride, offset)
         return saved
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=plan.mask[lo:hi, None], dropout_p=dropout_p
-        )  # (blocks, B · heads, b, d), laid out as its queries: (blocks, b, B · heads, d)
-    return out.transpose(1, 2).reshape(blocks * b, batch, heads, dim)
+        if fused:
+            mask = plan.mask[lo:hi, None].repeat(batch, 1, 1, 1)  # (B · blocks, 1, b, K)
+            out = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=mask, dropout_p=dropout_p
+            )  # (B · blocks, heads, b, d)
+            return out.transpose(1, 2).reshape(batch, blocks * b, heads * dim)
+        out = _matmul_attention(queries, keys, values, plan.mask[lo:hi], dropout_p)
+    return out.permute(0, 2, 3, 1, 4).reshape(batch, blocks * b, heads * dim)
+
+
+def _matmul_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float
+) -> torch.Tensor:
+    """Masked attention as two matrix products and a float32 softmax.
+
+    Under bf16 autocast on a CPU this beats SDPA's fused kernel on small blocks (whose
+    bf16 backward is slow): the products run in bf16, the softmax in float32. It keeps
+    the probabilities for the backward pass (float32 and bf16): more memory than the
+    fused path, still linear in the number of codes.
+    """
+    bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
+    scores = torch.add(bias, q @ k.transpose(-1, -2), alpha=q.shape[-1] ** -0.5)  # float32
+    probs = F.dropout(scores.softmax(-1), dropout_p, training=dropout_p > 0)
+    return probs.to(v.dtype) @ v
 
 
 # How many times the stream's own rows the gathered keys of one chunk may hold. Each
@@ -215,6 +259,7 @@ def sparse_attention(
     plan: BlockPlan,
     dropout_p: float = 0.0,
     project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:
     """Attention of queries ``q`` over keys ``k``/values ``v`` under a sparse DALL-E mask.
 
@@ -247,9 +292,9 @@ def sparse_attention(
             blocks, real = -(-m // plan.block), m
         image = []
         for lo, hi in _chunks(plan, blocks, size):
-            out = _blocks(q, k, v, plan, lo, hi, dropout_p)  # (slots, B, heads, d)
-            image.append(project(out[: real - lo * plan.block].flatten(2)))
+            out = _blocks(q, k, v, plan, lo, hi, dropout_p, fused)  # (B, slots, heads · d)
+            image.append(project(out[:, : real - lo * plan.block]))
         if plan.kind == "column":  # slots run column by column: back to raster order
-            image = [torch.cat(image).index_select(0, plan.raster_slot[:m])]
-        pieces += [piece.transpose(0, 1) for piece in image]
+            image = [torch.cat(image, 1).index_select(1, plan.raster_slot[:m])]
+        pieces += image
     return torch.cat(pieces, 1)

@@ -123,6 +123,12 @@ def dense_attention(dropout_p: float = 0.0, flash: bool = True) -> Attend:
     return attend
 
 
+# Longest stream whose dense layers take the plain products when ``flash`` is off (bf16
+# training on a CPU): there they beat the fused kernel's slow bf16 backward, 5.7 vs 15 ms
+# per layer at 81 positions; at 545 positions they take 107 ms against its 38.
+PLAIN_DENSE_MAX = 256
+
+
 class Layer(Decoder):
     """One transformer layer: an x-transformers ``Decoder`` of depth one — its parameters,
     their names (those of saved model folders) and its own forward — with dalle1's
@@ -239,7 +245,9 @@ class DALLE(nn.Module):
         # the device of the input, and kept here: none is a buffer, so construction on
         # the meta device touches no mask, and the state dict holds parameters only.
         self._tables: dict[tuple, object] = {}
-        self.flash = True  # dense training layers: fused attention kernel (dense_attention)
+        # training layers: torch's fused attention kernel (False: matrix products, for bf16
+        # on a CPU; see dense_attention, PLAIN_DENSE_MAX and dalle1.attention)
+        self.flash = True
         # decoding's derived state, built on first use (plain attributes: never saved)
         self._reads: dict[tuple, list[Read]] = {}  # (kind, device) -> per stream position
         self._static_reads: dict[tuple, StaticReads] = {}  # (kind, device, dtype) -> padded
@@ -278,14 +286,17 @@ class DALLE(nn.Module):
             self._tables[key] = build()
         return self._tables[key]
 
-    def block_plan(self, kind: str, device: torch.device) -> BlockPlan:
-        """How the full forward cuts a sparse layer into blocks (:mod:`dalle1.attention`)."""
+    def block_plan(self, kind: str, device: torch.device, fused: bool = True) -> BlockPlan:
+        """How the full forward cuts a sparse layer into blocks (:mod:`dalle1.attention`)
+        for the fused kernel or (``fused=False``) the matrix products."""
         s = self.shape
         return self._table(
-            "plan",
+            "plan" if fused else "plan-matmul",
             kind,
             device,
-            lambda: block_plan(kind, s.text_len + 1, s.grid, self.cfg.conv_kernel, device),
+            lambda: block_plan(
+                kind, s.text_len + 1, s.grid, self.cfg.conv_kernel, device, fused=fused
+            ),
         )
 
     def key_table(self, kind: str, device: torch.device) -> tuple[torch.Tensor, list[int]]:
@@ -334,13 +345,13 @@ class DALLE(nn.Module):
         ``scaled_dot_product_attention`` for dense, :func:`dalle1.attention.sparse_attention`
         (blocks whose cost follows the keys the mask allows) for row / column / conv."""
         dropout = self.cfg.dropout if self.training else 0.0
-        if kind == "dense":
-            attend = dense_attention(dropout, flash=self.flash)
+        if kind == "dense":  # the plain products pay (S, S) scores: only for short streams
+            attend = dense_attention(dropout, flash=self.flash or x.shape[1] > PLAIN_DENSE_MAX)
         else:
-            plan = self.block_plan(kind, x.device)
+            plan = self.block_plan(kind, x.device, fused=self.flash)
 
             def attend(q, k, v, project):
-                return sparse_attention(q, k, v, plan, dropout, project=project)
+                return sparse_attention(q, k, v, plan, dropout, project=project, fused=self.flash)
 
         return self.layers[i](x, attend=attend)
 

@@ -1,5 +1,7 @@
 """dalle1.attention: blocked sparse attention equals masked dense attention, forward and backward."""
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,17 +47,18 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
 @pytest.mark.parametrize("kind", ["row", "column", "conv"])
 @pytest.mark.parametrize("text, grid, codes, kernel, block", CASES)
-def test_blocked_attention_equals_masked_attention(kind, text, grid, codes, kernel, block):
-    plan = block_plan(kind, text, grid, kernel, block=block)
+def test_blocked_attention_equals_masked_attention(kind, text, grid, codes, kernel, block, fused):
+    plan = block_plan(kind, text, grid, kernel, block=block, fused=fused)
     qkv = inputs(text, codes)
     out_grad = torch.randn(2, text + codes, 24, generator=torch.Generator().manual_seed(1))
     want, want_grads = forward_and_grads(
         lambda q, k, v: reference(q, k, v, kind, text, grid, kernel), qkv, out_grad
     )
     got, got_grads = forward_and_grads(
-        lambda q, k, v: sparse_attention(q, k, v, plan), qkv, out_grad
+        lambda q, k, v: sparse_attention(q, k, v, plan, fused=fused), qkv, out_grad
     )
     assert got.shape == want.shape
     assert (got - want).abs().max() <= 1e-5
@@ -93,20 +96,50 @@ def test_blocks_read_only_a_window():
             assert plan.mask.shape == (len(plan.queries), plan.block, plan.keys.shape[1])
 
 
-def test_gathered_blocks_are_not_kept_for_the_backward_pass():
-    # SDPA keeps its inputs; the gathered (repeated) keys must be regathered, not kept
+def test_matmul_blocks_take_one_row_for_conv():
+    # the matrix products do best on one-row conv blocks (fewer masked keys per query)
+    assert default_block("conv", 32) == 64 and default_block("conv", 32, fused=False) == 32
+    assert block_plan("conv", 33, 32, 11, fused=False).block == 32
+    assert default_block("row", 32, fused=False) == default_block("row", 32) == 32
+
+
+def test_matmul_blocks_under_bf16_autocast_stay_close_to_float32():
+    # bf16 training on a CPU takes the matmul blocks: products in bf16, softmax in float32
+    text, grid, kind = 6, 4, "row"
+    plan = block_plan(kind, text, grid, 3, fused=False)
+    q, k, v = inputs(text, grid * grid - 1, seed=3)
+    want = reference(q, k, v, kind, text, grid, 3)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = sparse_attention(q, k, v, plan, fused=False)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert (got.float() - want).abs().max() <= 0.05  # bf16 rounding, not a wrong mask
+    got.float().sum().backward()
+    assert all(t.grad is not None and t.grad.isfinite().all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
+def test_gathered_blocks_are_not_kept_for_the_backward_pass(fused):
+    # the kernels keep their inputs; the gathered (repeated) keys must be regathered, not kept
     text, grid = 33, 16
-    plan = block_plan("conv", text, grid, 11)
+    plan = block_plan("conv", text, grid, 11, fused=fused)
     q, k, v = inputs(text, grid * grid - 1)
+    width, dim = plan.keys.shape[1], q.shape[-1]
     kept = []
+    hooks = torch.autograd.graph.saved_tensors_hooks
 
-    def pack(t):
-        kept.append(t.numel())
-        return t
+    def keeping(inner_pack, inner_unpack):  # record what attention.py's own hooks keep
+        def pack(t):
+            saved = inner_pack(t)
+            if isinstance(saved, torch.Tensor):
+                kept.append(saved)
+            return saved
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = sparse_attention(q, k, v, plan)
-    assert max(kept) <= q.numel()  # nothing larger than one of q, k, v
+        return hooks(pack, inner_unpack)
+
+    with mock.patch.object(torch.autograd.graph, "saved_tensors_hooks", keeping):
+        out = sparse_attention(q, k, v, plan, fused=fused)
+    assert kept
+    assert not any(t.shape[-2:] in ((width, dim), (dim, width)) for t in kept)  # no key blocks
     out.sum().backward()  # and the backward pass still works from what was kept
     assert k.grad is not None and k.grad.abs().sum() > 0
 

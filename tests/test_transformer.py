@@ -85,11 +85,12 @@ def test_code_log_likelihood_matches_logits():
     assert ll.shape == (2, 9) and torch.allclose(ll, expected)
 
 
-def test_plain_attention_switch_gives_the_flash_kernels_loss_and_gradients():
+@pytest.mark.parametrize("attention", ["dense", "dalle"])
+def test_plain_attention_switch_gives_the_flash_kernels_loss_and_gradients(attention):
     from dalle1.training.systems import set_flash_attention
 
     text, codes = batch()
-    m = model("dense").train()
+    m = model(attention).train()
 
     def loss_and_grads():
         m.zero_grad(set_to_none=True)
@@ -104,6 +105,30 @@ def test_plain_attention_switch_gives_the_flash_kernels_loss_and_gradients():
     assert torch.allclose(flash_loss, plain_loss, atol=1e-6)
     assert len(flash_grads) == len(plain_grads) > 0
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(flash_grads, plain_grads))
+
+
+def test_long_dense_streams_keep_the_fused_kernel_without_flash(monkeypatch):
+    # the plain products build (S, S) scores: past PLAIN_DENSE_MAX positions the fused
+    # kernel is faster even where bf16 makes its backward slow
+    import dalle1.transformer as tr
+
+    chosen = []
+    real = tr.dense_attention
+
+    def spy(dropout_p=0.0, flash=True):
+        chosen.append(flash)
+        return real(dropout_p, flash)
+
+    monkeypatch.setattr(tr, "dense_attention", spy)
+    m = model("dense")
+    m.flash = False
+    text, codes = batch()
+    m(text, codes)
+    assert chosen and not any(chosen)  # a short stream: the plain products
+    monkeypatch.setattr(tr, "PLAIN_DENSE_MAX", text.shape[1])  # now the stream is longer
+    chosen.clear()
+    m(text, codes)
+    assert chosen and all(chosen)
 
 
 # --- the full forward against x-transformers' own, old model folders, the meta device ------
