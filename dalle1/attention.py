@@ -285,15 +285,17 @@ def sparse_attention(
         n = plan.grid * plan.grid
         if plan.kind == "column":  # every column block holds row 0
             blocks = len(plan.queries)
-            # slots worth projecting: the last slot is the last code, absent from an
-            # input stream (a shorter prefix's other missing codes are projected, unused)
+            # slots kept: the last slot is the last code, absent from an
+            # input stream (a shorter prefix's other missing codes are kept, unused)
             real = n if m == n else n - 1
-        else:  # a raster prefix needs only the blocks it reaches, and its own slots
+        else:  # a raster prefix needs only the blocks it reaches, and keeps its own slots
             blocks, real = -(-m // plan.block), m
         image = []
         for lo, hi in _chunks(plan, blocks, size):
             out = _blocks(q, k, v, plan, lo, hi, dropout_p, fused)  # (B, slots, heads · d)
-            image.append(project(out[:, : real - lo * plan.block]))
+            # project every slot, padding too (fewer than b rows): the projection then
+            # keeps the kernel's own output for its backward pass, not a sliced copy
+            image.append(project(out)[:, : real - lo * plan.block])
         if plan.kind == "column":  # slots run column by column: back to raster order
             image = [torch.cat(image, 1).index_select(1, plan.raster_slot[:m])]
         pieces += image
