@@ -167,26 +167,26 @@ def _blocks(
     dropout_p: float,
     fused: bool = True,
 ) -> torch.Tensor:
-    """Attention of blocks ``lo … hi-1`` -> (B, (hi - lo) · b, heads · d), in slot order.
+    """Attention of blocks ``lo … hi-1`` -> ((hi - lo) · b, B, heads · d), in slot order.
 
-    Each kernel gets the blocks in a layout it reads without another copy:
+    The rows are gathered from a copy of q, k, v laid out so that each kernel reads the
+    blocks without another copy, and one ``(blocks, b, K)`` mask serves every sample
+    and head (gathering whole rows of a contiguous copy is also about 4x faster on CPU
+    than gathering a transposed view):
 
-    * fused (SDPA): batch (sample, block), heads, then ``(b or K, d)``. The rows are
-      gathered along the stream axis of the projections' own layout: whole ``heads · d``
-      rows, about 4x faster on CPU than gathering a transposed view. The blocks' masks
-      are repeated for each sample.
-    * matmul (:func:`_matmul_attention`): (sample, head, block, ``b or K``, d) gathered
-      from a heads-first copy, whose three batch axes fold into one batched product;
-      the ``(blocks, b, K)`` masks broadcast.
+    * fused (SDPA): stream-first ``(S, B, heads, d)``; SDPA's batch runs over the blocks
+      and its heads over (sample, head).
+    * matmul (:func:`_matmul_attention`): heads-first ``(B, heads, S, d)``; the blocks
+      are (sample, head, block, ·, d), whose three batch axes fold into one product.
     """
     batch, size, heads, dim = q.shape
     blocks, b, width = hi - lo, plan.block, plan.keys.shape[1]
 
     def gather(x: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
         index = _redirect(index[lo:hi].flatten(), size)
-        if fused:  # (B, blocks · length, heads, d) -> (B · blocks, heads, length, d)
-            rows = x.index_select(1, index).view(batch * blocks, length, heads, dim)
-            return rows.transpose(1, 2)
+        if fused:  # (blocks · length, B, heads, d) -> (blocks, B · heads, length, d)
+            rows = x.transpose(0, 1).contiguous().index_select(0, index)
+            return rows.view(blocks, length, batch * heads, dim).transpose(1, 2)
         rows = x.transpose(1, 2).contiguous().index_select(2, index)  # (B, heads, ·, d)
         return rows.view(batch, heads, blocks, length, dim)
 
@@ -213,15 +213,15 @@ def _blocks(
                 return gather(x.detach(), index, length).as_strided(shape, stride, offset)
         return saved
 
+    mask = plan.mask[lo:hi]  # (blocks, b, K)
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         if fused:
-            mask = plan.mask[lo:hi, None].repeat(batch, 1, 1, 1)  # (B · blocks, 1, b, K)
             out = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=mask, dropout_p=dropout_p
-            )  # (B · blocks, heads, b, d)
-            return out.transpose(1, 2).reshape(batch, blocks * b, heads * dim)
-        out = _matmul_attention(queries, keys, values, plan.mask[lo:hi], dropout_p)
-    return out.permute(0, 2, 3, 1, 4).reshape(batch, blocks * b, heads * dim)
+                queries, keys, values, attn_mask=mask[:, None], dropout_p=dropout_p
+            )  # (blocks, B · heads, b, d), laid out as its queries: (blocks, b, B · heads, d)
+            return out.transpose(1, 2).reshape(blocks * b, batch, heads * dim)
+        out = _matmul_attention(queries, keys, values, mask, dropout_p)  # (B, heads, blocks, b, d)
+    return out.permute(2, 3, 0, 1, 4).reshape(blocks * b, batch, heads * dim)
 
 
 def _matmul_attention(
@@ -285,18 +285,16 @@ def sparse_attention(
         n = plan.grid * plan.grid
         if plan.kind == "column":  # every column block holds row 0
             blocks = len(plan.queries)
-            # slots kept: the last slot is the last code, absent from an
-            # input stream (a shorter prefix's other missing codes are kept, unused)
+            # slots worth projecting: the last slot is the last code, absent from an
+            # input stream (a shorter prefix's other missing codes are projected, unused)
             real = n if m == n else n - 1
-        else:  # a raster prefix needs only the blocks it reaches, and keeps its own slots
+        else:  # a raster prefix needs only the blocks it reaches, and its own slots
             blocks, real = -(-m // plan.block), m
         image = []
         for lo, hi in _chunks(plan, blocks, size):
-            out = _blocks(q, k, v, plan, lo, hi, dropout_p, fused)  # (B, slots, heads · d)
-            # project every slot, padding too (fewer than b rows): the projection then
-            # keeps the kernel's own output for its backward pass, not a sliced copy
-            image.append(project(out)[:, : real - lo * plan.block])
+            out = _blocks(q, k, v, plan, lo, hi, dropout_p, fused)  # (slots, B, heads · d)
+            image.append(project(out[: real - lo * plan.block]))
         if plan.kind == "column":  # slots run column by column: back to raster order
-            image = [torch.cat(image, 1).index_select(1, plan.raster_slot[:m])]
-        pieces += image
+            image = [torch.cat(image).index_select(0, plan.raster_slot[:m])]
+        pieces += [piece.transpose(0, 1) for piece in image]
     return torch.cat(pieces, 1)
