@@ -28,7 +28,7 @@ its first one. The first blocks reach before the image: those keys are masked.
 
 Kernels. ``fused=True`` (the default) runs the blocks through SDPA's fused kernel;
 ``fused=False`` through two batched matrix products and a float32 softmax
-(:func:`_matmul_attention`), which bf16 training on a CPU takes: there the fused kernel's
+(:func:`matmul_attention`), which bf16 training on a CPU takes: there the fused kernel's
 bf16 backward is slow on small blocks (``DALLE.flash``, docs/benchmarks.md).
 
 Memory. Each image key appears in several blocks, so the gathered blocks are copies.
@@ -176,7 +176,7 @@ def _blocks(
 
     * fused (SDPA): stream-first ``(S, B, heads, d)``; SDPA's batch runs over the blocks
       and its heads over (sample, head).
-    * matmul (:func:`_matmul_attention`): heads-first ``(B, heads, S, d)``; the blocks
+    * matmul (:func:`matmul_attention`): heads-first ``(B, heads, S, d)``; the blocks
       are (sample, head, block, ·, d), whose three batch axes fold into one product.
     """
     batch, size, heads, dim = q.shape
@@ -220,17 +220,19 @@ def _blocks(
                 queries, keys, values, attn_mask=mask[:, None], dropout_p=dropout_p
             )  # (blocks, B · heads, b, d), laid out as its queries: (blocks, b, B · heads, d)
             return out.transpose(1, 2).reshape(blocks * b, batch, heads * dim)
-        out = _matmul_attention(queries, keys, values, mask, dropout_p)  # (B, heads, blocks, b, d)
+        out = matmul_attention(queries, keys, values, mask, dropout_p)  # (B, heads, blocks, b, d)
     return out.permute(2, 3, 0, 1, 4).reshape(blocks * b, batch, heads * dim)
 
 
-def _matmul_attention(
+def matmul_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float
 ) -> torch.Tensor:
-    """Masked attention as two matrix products and a float32 softmax.
+    """Masked attention as two matrix products and a float32 softmax; ``mask`` (True =
+    may attend) broadcasts against the scores ``(…, queries, keys)``.
 
-    Under bf16 autocast on a CPU this beats SDPA's fused kernel on small blocks (whose
-    bf16 backward is slow): the products run in bf16, the softmax in float32. It keeps
+    Under bf16 autocast on a CPU this beats SDPA's fused kernel on small blocks and short
+    streams (whose bf16 backward is slow): the products run in bf16, the softmax in
+    float32; scaling, masking and the cast to float32 are one pass (``torch.add``). It keeps
     the probabilities for the backward pass (float32 and bf16): more memory than the
     fused path, still linear in the number of codes.
     """

@@ -44,7 +44,7 @@ from x_transformers import Decoder
 from x_transformers.x_transformers import LayerNorm as XLayerNorm
 
 from . import decoding
-from .attention import BlockPlan, block_plan, sparse_attention
+from .attention import BlockPlan, block_plan, matmul_attention, sparse_attention
 from .config import DALLEConfig
 from .decoding import (
     DecodeWeights,
@@ -105,8 +105,9 @@ def dense_attention(dropout_p: float = 0.0, flash: bool = True) -> Attend:
     """Plain causal attention over the whole stream (``attention: dense``).
 
     ``flash``: torch's fused ``scaled_dot_product_attention``; False: the same function as
-    two matrix products and a float32 softmax (faster to train under bf16 autocast on a
-    CPU, whose fused kernel has a slow bf16 backward: docs/benchmarks.md)."""
+    two matrix products and a float32 softmax (:func:`dalle1.attention.matmul_attention`,
+    the sparse blocks' kernel too; faster to train under bf16 autocast on a CPU for short
+    streams, whose fused kernel has a slow bf16 backward: docs/benchmarks.md)."""
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, project: nn.Module):
         b, n, heads, d = q.shape
@@ -114,10 +115,8 @@ def dense_attention(dropout_p: float = 0.0, flash: bool = True) -> Attend:
         if flash:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
         else:
-            scores = (q @ k.transpose(-1, -2)).float() * d**-0.5
-            causal = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
-            probs = scores.masked_fill(causal, float("-inf")).softmax(-1)
-            out = F.dropout(probs, dropout_p, training=dropout_p > 0).to(v.dtype) @ v
+            causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            out = matmul_attention(q, k, v, causal, dropout_p)
         return project(out.transpose(1, 2).reshape(b, n, heads * d))
 
     return attend
