@@ -6,8 +6,10 @@
 One training step = forward over the whole [<bos>, text, image] stream, DALL-E's
 weighted loss (1/8 text, 7/8 image), backward, AdamW update: what
 ``dalle1.training`` does per batch, without Lightning's bookkeeping. Random tokens:
-the cost does not depend on the data. Prints one JSON document with the median
-step time over ``--steps`` steps after ``--warmup`` steps.
+the cost does not depend on the data. Under ``--precision bf16`` on a CPU the layers
+take the attention kernels the trainer picks there (``set_flash_attention(model,
+False)``). Prints one JSON document with the median step time over ``--steps`` steps
+after ``--warmup`` steps.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from _common import (  # noqa: E402
     timed,
 )
 
+from dalle1.training.systems import set_flash_attention  # noqa: E402
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -53,6 +57,8 @@ def main() -> None:
     device = setup(args.device, args.threads)
 
     model = build_model(args.grid, args.attention, device).train()
+    if device.type == "cpu" and args.precision == "bf16":  # as the trainer does (systems.py)
+        set_flash_attention(model, False)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     g = torch.Generator().manual_seed(0)
     n_codes = args.grid * args.grid
