@@ -98,7 +98,8 @@ def _gain(norm: nn.Module) -> torch.Tensor:
 
 def _matrix(linear: nn.Linear) -> Matrix:
     """An ``nn.Linear`` as the decode step multiplies it (:class:`dalle1.decoding.Matrix`)."""
-    return Matrix(input_major(linear.weight), linear.bias.detach())
+    bias = None if linear.bias is None else linear.bias.detach()
+    return Matrix(input_major(linear.weight), bias)
 
 
 def dense_attention(dropout_p: float = 0.0, flash: bool = True) -> Attend:
@@ -398,7 +399,7 @@ class DALLE(nn.Module):
                             torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
                         )
                     ),
-                    out=Matrix(input_major(attn.to_out.weight)),
+                    out=_matrix(attn.to_out),
                     ff_norm=_gain(ff_norm),
                     ff_in=_matrix(ff.ff[0][0]),
                     ff_out=_matrix(ff.ff[2]),
