@@ -1,7 +1,7 @@
 """Training with DALL-E's sparse masks vs dense attention: speed and memory, one run.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attention.py            # ~8 min, 2 busy cores
-    python benchmarks/bench_attention.py --precision bf16-mixed --memory     # bf16 autocast, speed only
+    python benchmarks/bench_attention.py --precision bf16-mixed --memory     # bf16 autocast, no RSS runs
     python benchmarks/bench_attention.py --speed 16x8 --memory 16 --steps 3  # a quick look
 
 The model is the side-by-side comparison's shape: dim 256, depth 6, 8 heads × 32, ff ×4,
