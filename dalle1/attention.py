@@ -169,33 +169,41 @@ def _blocks(
 ) -> torch.Tensor:
     """Attention of blocks ``lo … hi-1`` -> ((hi - lo) · b, B, heads · d), in slot order.
 
-    The rows are gathered from a copy of q, k, v laid out so that each kernel reads the
-    blocks without another copy, and one ``(blocks, b, K)`` mask serves every sample
-    and head (gathering whole rows of a contiguous copy is also about 4x faster on CPU
-    than gathering a transposed view):
+    ``fused``: SDPA's fused kernel (:func:`_fused_blocks`); else the matrix products of
+    :class:`_MatmulBlocks`, which have no attention dropout (with dropout the fused kernel
+    runs)."""
+    if fused or dropout_p > 0:
+        return _fused_blocks(q, k, v, plan, lo, hi, dropout_p)
+    return _MatmulBlocks.apply(q, k, v, plan, lo, hi)
 
-    * fused (SDPA): stream-first ``(S, B, heads, d)``; SDPA's batch runs over the blocks
-      and its heads over (sample, head).
-    * matmul (:func:`matmul_attention`): heads-first ``(B, heads, S, d)``; the blocks
-      are (sample, head, block, ·, d), whose three batch axes fold into one product.
-    """
+
+def _fused_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    plan: BlockPlan,
+    lo: int,
+    hi: int,
+    dropout_p: float,
+) -> torch.Tensor:
+    """The blocks through SDPA's fused kernel, gathered from a stream-first copy
+    ``(S, B, heads, d)``: SDPA's batch runs over the blocks and its heads over (sample,
+    head), so one ``(blocks, b, K)`` mask serves every sample and head (gathering whole
+    rows of a contiguous copy is also about 4x faster on CPU than gathering a transposed
+    view)."""
     batch, size, heads, dim = q.shape
     blocks, b, width = hi - lo, plan.block, plan.keys.shape[1]
 
     def gather(x: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
         index = _redirect(index[lo:hi].flatten(), size)
-        if fused:  # (blocks · length, B, heads, d) -> (blocks, B · heads, length, d)
-            rows = x.transpose(0, 1).contiguous().index_select(0, index)
-            return rows.view(blocks, length, batch * heads, dim).transpose(1, 2)
-        rows = x.transpose(1, 2).contiguous().index_select(2, index)  # (B, heads, ·, d)
-        return rows.view(batch, heads, blocks, length, dim)
+        rows = x.transpose(0, 1).contiguous().index_select(0, index)
+        return rows.view(blocks, length, batch * heads, dim).transpose(1, 2)
 
     queries = gather(q, plan.queries, b)
     keys, values = gather(k, plan.keys, width), gather(v, plan.keys, width)
-    # Both kernels keep their inputs for the backward pass. For the gathered blocks (and
-    # views of them, such as the transposed keys of a product) keep only how to gather
-    # them again: a key sits in several blocks, and a gather costs far less than keeping
-    # the copies.
+    # SDPA keeps its inputs for the backward pass. For the gathered blocks (and views of
+    # them) keep only how to gather them again: a key sits in several blocks, and a
+    # gather costs far less than keeping the copies.
     recipes = {
         storage(queries): (q, plan.queries, b),
         storage(keys): (k, plan.keys, width),
@@ -213,15 +221,132 @@ def _blocks(
                 return gather(x.detach(), index, length).as_strided(shape, stride, offset)
         return saved
 
-    mask = plan.mask[lo:hi]  # (blocks, b, K)
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        if fused:
-            out = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=mask[:, None], dropout_p=dropout_p
-            )  # (blocks, B · heads, b, d), laid out as its queries: (blocks, b, B · heads, d)
-            return out.transpose(1, 2).reshape(blocks * b, batch, heads * dim)
-        out = matmul_attention(queries, keys, values, mask, dropout_p)  # (B, heads, blocks, b, d)
-    return out.permute(2, 3, 0, 1, 4).reshape(blocks * b, batch, heads * dim)
+        out = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=plan.mask[lo:hi, None], dropout_p=dropout_p
+        )  # (blocks, B · heads, b, d), laid out as its queries: (blocks, b, B · heads, d)
+    return out.transpose(1, 2).reshape(blocks * b, batch, heads * dim)
+
+
+class _MatmulBlocks(torch.autograd.Function):
+    """The blocks as batched matrix products with a float32 softmax (``fused=False``).
+
+    It keeps for the backward pass what a fused kernel keeps, ``q, k, v`` as given and
+    the output, and the backward pass gathers the blocks again and recomputes their
+    probabilities, as flash attention does: kept, the probabilities (``K`` float32
+    numbers per query and head) would outweigh all else the layer keeps. Under bf16
+    autocast on a CPU this beats SDPA's fused kernel, whose bf16 backward is slow on
+    small blocks (docs/benchmarks.md)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: BlockPlan, lo: int, hi: int) -> torch.Tensor:
+        """-> ``((hi - lo) · b, B, heads · d)``, slot-major: the layout the output
+        projection reads, so that the tensor it keeps is this one, not a second copy."""
+        parts = _MatmulParts(q, k, v, plan, lo, hi)
+        out = parts.slot_major(parts.forward())
+        ctx.save_for_backward(q, k, v, out)
+        ctx.plan, ctx.lo, ctx.hi = plan, lo, hi
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        q, k, v, out = ctx.saved_tensors
+        parts = _MatmulParts(q, k, v, ctx.plan, ctx.lo, ctx.hi)
+        return (*parts.backward(parts.heads_first(out), parts.heads_first(grad)), None, None, None)
+
+
+class _MatmulParts:
+    """Blocks ``lo … hi-1`` of ``q, k, v`` ``(B, S, heads, d)``, heads first, with two
+    groups of keys: the text ``(B, heads, T, d)``, which every image query reads whole,
+    multiplied once for all blocks; and each block's image keys ``(B, heads, blocks,
+    K - T, d)``, gathered, against its queries ``(B, heads, blocks, b, d)``. Products that
+    end in the keys' axis are written side by side into one float32 ``(…, b, K)`` tensor,
+    so that each block's softmax is one pass."""
+
+    def __init__(self, q, k, v, plan: BlockPlan, lo: int, hi: int):
+        size, dim, T = q.shape[1], q.shape[-1], plan.text
+        self.shape, self.blocks, self.b = q.transpose(1, 2).shape, hi - lo, plan.block
+        self.q_index = _redirect(plan.queries[lo:hi].flatten(), size)
+        self.k_index = _redirect(plan.keys[lo:hi, T:].flatten(), size)
+        qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, heads, S, d)
+        self.text_k, self.text_v = kh[:, :, :T], vh[:, :, :T]
+        self.q = self._rows(qh, self.q_index)
+        self.k, self.v = self._rows(kh, self.k_index), self._rows(vh, self.k_index)
+        self.scale, self.text = dim**-0.5, T
+        allowed = plan.mask[lo:hi, :, T:]  # the text part of the mask is all True
+        self.bias = torch.zeros(allowed.shape, device=q.device).masked_fill_(~allowed, -torch.inf)
+
+    def _rows(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return x.index_select(2, index).unflatten(2, (self.blocks, -1))
+
+    def _flat(
+        self, x: torch.Tensor
+    ) -> torch.Tensor:  # (B, heads, blocks, n, ·) -> (B, heads, blocks · n, ·)
+        return x.flatten(2, 3)
+
+    def _blocked(self, x: torch.Tensor) -> torch.Tensor:  # the inverse, for n = b
+        return x.unflatten(2, (self.blocks, self.b))
+
+    def heads_first(self, rows: torch.Tensor) -> torch.Tensor:
+        """Slot-major ``(blocks · b, B, heads · d)`` -> ``(B, heads, blocks, b, d)``, a view."""
+        batch, heads, _, dim = self.shape
+        return rows.view(self.blocks, self.b, batch, heads, dim).permute(2, 3, 0, 1, 4)
+
+    def slot_major(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`heads_first` (a copy)."""
+        return x.permute(2, 3, 0, 1, 4).reshape(self.blocks * self.b, self.shape[0], -1)
+
+    def _keys_side_by_side(self, text, image, text_bias, image_bias, alpha) -> torch.Tensor:
+        """float32 ``(…, b, K)``: ``text_bias + alpha · text``, then ``image_bias + alpha ·
+        image``, computed in float32 (float32 biases promote the bf16 products first)."""
+        out = torch.empty(*image.shape[:-1], self.text + image.shape[-1], device=image.device)
+        torch.add(text_bias, self._blocked(text), alpha=alpha, out=out[..., : self.text])
+        torch.add(image_bias, image, alpha=alpha, out=out[..., self.text :])
+        return out
+
+    def probs(self) -> torch.Tensor:
+        """float32 softmax of each image query over its text and image keys, (…, b, K)."""
+        text = self._flat(self.q) @ self.text_k.transpose(-1, -2)
+        image = self.q @ self.k.transpose(-1, -2)
+        zero = self.bias.new_zeros(1)
+        return self._keys_side_by_side(text, image, zero, self.bias, self.scale).softmax(-1)
+
+    def forward(self) -> torch.Tensor:
+        """The attention output ``(B, heads, blocks, b, d)``."""
+        probs = self.probs().to(self.v.dtype)
+        text, image = probs[..., : self.text], probs[..., self.text :]
+        out = self._blocked(self._flat(text) @ self.text_v)
+        return out.add_(image @ self.v)
+
+    def backward(self, out: torch.Tensor, grad: torch.Tensor) -> tuple:
+        """Gradients for ``q, k, v`` ``(B, S, heads, d)`` from the output's."""
+        dtype, T = self.v.dtype, self.text
+        grad, probs = grad.to(dtype).contiguous(), self.probs().to(dtype)
+        dv_text = self._flat(probs[..., :T]).transpose(-1, -2) @ self._flat(grad)
+        dv_image = probs[..., T:].transpose(-1, -2) @ grad
+        # softmax backward: p · (dp − Σ p · dp), where Σ p · dp = grad · out for each query
+        rowdot = (grad.float() * out.float()).sum(-1, keepdim=True)
+        dp_text = self._flat(grad) @ self.text_v.transpose(-1, -2)
+        dp_image, minus = grad @ self.v.transpose(-1, -2), rowdot.neg()
+        dp = self._keys_side_by_side(dp_text, dp_image, minus, minus, 1)
+        ds = dp.mul_(probs).mul_(self.scale).to(dtype)
+        ds_text, ds_image = ds[..., :T], ds[..., T:]
+        dq = self._flat(ds_text) @ self.text_k + self._flat(ds_image @ self.k)
+        dk_text = self._flat(ds_text).transpose(-1, -2) @ self._flat(self.q)
+        dk_image = ds_image.transpose(-1, -2) @ self.q
+        return (
+            self._scatter(dq, self.q_index),
+            self._scatter(self._flat(dk_image), self.k_index, dk_text),
+            self._scatter(self._flat(dv_image), self.k_index, dv_text),
+        )
+
+    def _scatter(self, rows: torch.Tensor, index: torch.Tensor, text=None) -> torch.Tensor:
+        """Rows of a gradient back to their stream positions, (B, S, heads, d); a position
+        in several blocks sums its rows. ``text``: the gradient of the text positions."""
+        full = rows.new_zeros(self.shape)
+        if text is not None:
+            full[:, :, : self.text] = text
+        return full.index_add_(2, index, rows).transpose(1, 2)
 
 
 def matmul_attention(

@@ -117,11 +117,10 @@ def test_matmul_blocks_under_bf16_autocast_stay_close_to_float32():
     assert all(t.grad is not None and t.grad.isfinite().all() for t in (q, k, v))
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
-def test_gathered_blocks_are_not_kept_for_the_backward_pass(fused):
-    # the kernels keep their inputs; the gathered (repeated) keys must be regathered, not kept
+def test_gathered_blocks_are_not_kept_for_the_backward_pass():
+    # SDPA keeps its inputs; the gathered (repeated) keys must be regathered, not kept
     text, grid = 33, 16
-    plan = block_plan("conv", text, grid, 11, fused=fused)
+    plan = block_plan("conv", text, grid, 11)
     q, k, v = inputs(text, grid * grid - 1)
     width, dim = plan.keys.shape[1], q.shape[-1]
     kept = []
@@ -137,10 +136,33 @@ def test_gathered_blocks_are_not_kept_for_the_backward_pass(fused):
         return hooks(pack, inner_unpack)
 
     with mock.patch.object(torch.autograd.graph, "saved_tensors_hooks", keeping):
-        out = sparse_attention(q, k, v, plan, fused=fused)
+        out = sparse_attention(q, k, v, plan)
     assert kept
     assert not any(t.shape[-2:] in ((width, dim), (dim, width)) for t in kept)  # no key blocks
     out.sum().backward()  # and the backward pass still works from what was kept
+    assert k.grad is not None and k.grad.abs().sum() > 0
+
+
+def test_matmul_blocks_keep_neither_key_blocks_nor_probabilities():
+    # what the products keep: q, k, v themselves, the output and one number per query
+    # and head; never a gathered block nor the (queries, keys) probabilities
+    text, grid = 33, 16
+    plan = block_plan("conv", text, grid, 11, fused=False)
+    q, k, v = inputs(text, grid * grid - 1)
+    kept = []
+
+    def pack(t):
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = sparse_attention(q, k, v, plan, fused=False)
+    sources = {t.untyped_storage().data_ptr() for t in (q, k, v)}
+    own = [t for t in kept if t.untyped_storage().data_ptr() not in sources]
+    assert len(own) < len(kept)  # q, k, v are kept as given, not as copies
+    assert max(t.numel() for t in own) <= q.numel()  # no (queries, K) tensor
+    assert sum(t.numel() for t in own) <= 2 * q.numel()  # the output + per-query numbers
+    out.sum().backward()
     assert k.grad is not None and k.grad.abs().sum() > 0
 
 
