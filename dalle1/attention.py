@@ -326,17 +326,18 @@ class _MatmulParts:
         """Gradients for ``q, k, v`` ``(B, S, heads, d)`` from the output's."""
         dtype, T = self.v.dtype, self.text
         grad, probs = grad.to(dtype).contiguous(), self.probs()
-        dv_text = self._flat(probs[..., :T]).transpose(-1, -2) @ self._flat(grad)
-        dv_image = probs[..., T:].transpose(-1, -2) @ grad
+        # each group of keys on its own from here: contiguous operands for the products
+        p_text, p_image = self._flat(probs[..., :T]).contiguous(), probs[..., T:].contiguous()
+        dv_text = p_text.transpose(-1, -2) @ self._flat(grad)
+        dv_image = p_image.transpose(-1, -2) @ grad
         # softmax backward: p · (dp − Σ p · dp), where Σ p · dp = grad · out for each query
         rowdot = (grad.float() * out.float()).sum(-1, keepdim=True).to(dtype)
         dp_text = self._flat(grad) @ self.text_v.transpose(-1, -2)
-        dp_image, minus = grad @ self.v.transpose(-1, -2), rowdot.neg()
-        dp = self._keys_side_by_side(dp_text, dp_image, minus, minus, 1)
-        ds = dp.mul_(probs).mul_(self.scale)
-        ds_text, ds_image = ds[..., :T], ds[..., T:]
-        dq = self._flat(ds_text) @ self.text_k + self._flat(ds_image @ self.k)
-        dk_text = self._flat(ds_text).transpose(-1, -2) @ self._flat(self.q)
+        ds_text = dp_text.sub_(self._flat(rowdot)).mul_(p_text).mul_(self.scale)
+        dp_image = grad @ self.v.transpose(-1, -2)
+        ds_image = dp_image.sub_(rowdot).mul_(p_image).mul_(self.scale)
+        dq = ds_text @ self.text_k + self._flat(ds_image @ self.k)
+        dk_text = ds_text.transpose(-1, -2) @ self._flat(self.q)
         dk_image = ds_image.transpose(-1, -2) @ self.q
         return (
             self._scatter(dq, self.q_index),
