@@ -27,16 +27,19 @@ Because the row and conv masks depend only on the raster distance ``q − k``
 its first one. The first blocks reach before the image: those keys are masked.
 
 Kernels. ``fused=True`` (the default) runs the blocks through SDPA's fused kernel;
-``fused=False`` through two batched matrix products and a float32 softmax
-(:func:`matmul_attention`), which bf16 training on a CPU takes: there the fused kernel's
-bf16 backward is slow on small blocks (``DALLE.flash``, docs/benchmarks.md).
+``fused=False`` through batched matrix products and a softmax (:class:`_MatmulBlocks`),
+which bf16 training on a CPU takes: there the fused kernel's bf16 backward is slow on
+small blocks (``DALLE.flash``, docs/benchmarks.md). The products multiply the text keys,
+which every image query reads, once for all blocks, and only the image keys per block.
 
 Memory. Each image key appears in several blocks, so the gathered blocks are copies.
-SDPA would keep them for its backward pass; :func:`_blocks` keeps only how to gather
-them again (the sources ``q, k, v`` are kept anyway), so a sparse layer keeps what a
-dense one keeps: ``q, k, v``, the attention output and its softmax statistics, linear
-in the number of codes. Long streams run their blocks in chunks, which bounds the copies
-that exist for a moment to a few times the layer's own keys.
+Neither kernel keeps them for the backward pass: :func:`_fused_blocks` keeps only how to
+gather them again (the sources ``q, k, v`` are kept anyway), and :class:`_MatmulBlocks`
+gathers them again and recomputes the probabilities, as flash attention does. So a
+sparse layer keeps what a dense one keeps: ``q, k, v`` and the attention output (and,
+fused, its softmax statistics), linear in the number of codes. Long streams run their
+blocks in chunks, which bounds the copies that exist for a moment to a few times the
+layer's own keys.
 
 ``tests/test_attention.py`` holds every kind to plain masked attention over the whole
 stream, forward and gradients.
@@ -360,11 +363,11 @@ def matmul_attention(
     """Masked attention as two matrix products and a float32 softmax; ``mask`` (True =
     may attend) broadcasts against the scores ``(…, queries, keys)``.
 
-    Under bf16 autocast on a CPU this beats SDPA's fused kernel on small blocks and short
-    streams (whose bf16 backward is slow): the products run in bf16, the softmax in
-    float32; scaling, masking and the cast to float32 are one pass (``torch.add``). It keeps
-    the probabilities for the backward pass (float32 and bf16): more memory than the
-    fused path, still linear in the number of codes.
+    The dense layers of short streams take it under bf16 autocast on a CPU
+    (:func:`dalle1.transformer.dense_attention`), where it beats SDPA's fused kernel,
+    whose bf16 backward is slow: the products run in bf16, the softmax in float32;
+    scaling, masking and the cast to float32 are one pass (``torch.add``). Autograd keeps
+    the (queries, keys) probabilities, which at those lengths is small.
     """
     bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
     scores = torch.add(bias, q @ k.transpose(-1, -2), alpha=q.shape[-1] ** -0.5)  # float32

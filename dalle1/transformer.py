@@ -106,9 +106,9 @@ def dense_attention(dropout_p: float = 0.0, flash: bool = True) -> Attend:
     """Plain causal attention over the whole stream (``attention: dense``).
 
     ``flash``: torch's fused ``scaled_dot_product_attention``; False: the same function as
-    two matrix products and a float32 softmax (:func:`dalle1.attention.matmul_attention`,
-    the sparse blocks' kernel too; faster to train under bf16 autocast on a CPU for short
-    streams, whose fused kernel has a slow bf16 backward: docs/benchmarks.md)."""
+    two matrix products and a float32 softmax (:func:`dalle1.attention.matmul_attention`;
+    faster to train under bf16 autocast on a CPU for short streams, whose fused kernel has
+    a slow bf16 backward: docs/benchmarks.md)."""
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, project: nn.Module):
         b, n, heads, d = q.shape

@@ -148,9 +148,9 @@ class DALLEModule(StageModule):
     def on_fit_start(self) -> None:
         # bf16 on a CPU: torch's flash attention kernel runs its backward about 3x slower in
         # bf16 than in float32, which cost more than bf16 saved in the matrix products. The
-        # layers' plain attention (q k^T and the weighted sum as bf16 matmuls, the softmax in
-        # float32) is the fastest here: dense layers of short streams (demo model: 1.7x less
-        # CPU time per step than float32; PLAIN_DENSE_MAX) and every sparse layer's blocks.
+        # layers' plain attention (q k^T and the weighted sum as bf16 matmuls) is the
+        # fastest here: dense layers of short streams (demo model: 1.7x less CPU time per
+        # step than float32; PLAIN_DENSE_MAX) and every sparse layer's blocks.
         self._flash = set_flash_attention(self.dalle, not _bf16_on_cpu(self))
 
     def on_fit_end(self) -> None:
@@ -188,7 +188,7 @@ def _bf16_on_cpu(module: L.LightningModule) -> bool:
 
 def set_flash_attention(model: DALLE, enabled: bool) -> bool:
     """Switch the training attention between torch's fused ``scaled_dot_product_attention``
-    and two matrix products with a float32 softmax (dense layers of short streams:
+    and plain matrix products with a softmax (dense layers of short streams:
     :func:`dalle1.transformer.dense_attention`; sparse layers' blocks:
     :func:`dalle1.attention.sparse_attention`); returns the previous setting."""
     before, model.flash = model.flash, enabled
