@@ -331,6 +331,9 @@ class _MatmulParts:
         grad, probs = grad.to(dtype).contiguous(), self.probs()
         # each group of keys on its own from here: contiguous operands for the products
         p_text, p_image = self._flat(probs[..., :T]).contiguous(), probs[..., T:].contiguous()
+        # free at once: the last layer runs its backward pass first, on top of everything
+        # the layers keep, so what it holds here sets the training step's peak
+        del probs
         dv_text = p_text.transpose(-1, -2) @ self._flat(grad)
         dv_image = p_image.transpose(-1, -2) @ grad
         # softmax backward: p · (dp − Σ p · dp), where Σ p · dp = grad · out for each query
