@@ -160,26 +160,6 @@ def _redirect(index: torch.Tensor, size: int) -> torch.Tensor:
     return index.where(index < size, 0)
 
 
-def _blocks(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    plan: BlockPlan,
-    lo: int,
-    hi: int,
-    dropout_p: float,
-    fused: bool = True,
-) -> torch.Tensor:
-    """Attention of blocks ``lo … hi-1`` -> ((hi - lo) · b, B, heads · d), in slot order.
-
-    ``fused``: SDPA's fused kernel (:func:`_fused_blocks`); else the matrix products of
-    :class:`_MatmulBlocks`, which have no attention dropout (with dropout the fused kernel
-    runs)."""
-    if fused or dropout_p > 0:
-        return _fused_blocks(q, k, v, plan, lo, hi, dropout_p)
-    return _MatmulBlocks.apply(q, k, v, plan, lo, hi)
-
-
 def _fused_blocks(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -189,7 +169,8 @@ def _fused_blocks(
     hi: int,
     dropout_p: float,
 ) -> torch.Tensor:
-    """The blocks through SDPA's fused kernel, gathered from a stream-first copy
+    """Attention of blocks ``lo … hi-1`` -> ((hi - lo) · b, B, heads · d), in slot order,
+    through SDPA's fused kernel, gathered from a stream-first copy
     ``(S, B, heads, d)``: SDPA's batch runs over the blocks and its heads over (sample,
     head), so one ``(blocks, b, K)`` mask serves every sample and head (gathering whole
     rows of a contiguous copy is also about 4x faster on CPU than gathering a transposed
@@ -430,7 +411,11 @@ def sparse_attention(
             blocks, real = -(-m // plan.block), m
         image = []
         for lo, hi in _chunks(plan, blocks, size):
-            out = _blocks(q, k, v, plan, lo, hi, dropout_p, fused)  # (slots, B, heads · d)
+            # (slots, B, heads · d); the products have no attention dropout
+            if fused or dropout_p > 0:
+                out = _fused_blocks(q, k, v, plan, lo, hi, dropout_p)
+            else:
+                out = _MatmulBlocks.apply(q, k, v, plan, lo, hi)
             image.append(project(out[: real - lo * plan.block]))
         if plan.kind == "column":  # slots run column by column: back to raster order
             image = [torch.cat(image).index_select(0, plan.raster_slot[:m])]

@@ -177,3 +177,17 @@ def test_matmul_blocks_keep_neither_key_blocks_nor_probabilities():
 def test_plans_are_built_on_the_requested_device():
     plan = block_plan("row", 6, 4, device=torch.device("meta"))
     assert plan.mask.device.type == "meta" and plan.keys.device.type == "meta"
+
+
+def test_matmul_blocks_leave_attention_dropout_to_the_fused_kernel():
+    # the products have no dropout: with dropout_p > 0 the same plan runs the fused kernel
+    text, grid = 6, 4
+    plan = block_plan("row", text, grid, 3, fused=False)
+    q, k, v = inputs(text, grid * grid - 1)
+    runs = []
+    for fused in (False, True):
+        torch.manual_seed(7)
+        runs.append(sparse_attention(q, k, v, plan, dropout_p=0.5, fused=fused))
+    assert torch.equal(runs[0], runs[1])
+    plain = sparse_attention(q, k, v, plan, fused=False)
+    assert runs[0].isfinite().all() and not torch.allclose(runs[0], plain)
