@@ -147,7 +147,7 @@ def _build_plan(kind: str, text: int, grid: int, conv_kernel: int, block: int) -
     )
 
 
-def storage(t: torch.Tensor) -> int:
+def _storage(t: torch.Tensor) -> int:
     """Where a tensor's memory starts: the same for a tensor and every view of it."""
     return t.untyped_storage().data_ptr()
 
@@ -189,13 +189,13 @@ def _fused_blocks(
     # them) keep only how to gather them again: a key sits in several blocks, and a
     # gather costs far less than keeping the copies.
     recipes = {
-        storage(queries): (q, plan.queries, b),
-        storage(keys): (k, plan.keys, width),
-        storage(values): (v, plan.keys, width),
+        _storage(queries): (q, plan.queries, b),
+        _storage(keys): (k, plan.keys, width),
+        _storage(values): (v, plan.keys, width),
     }
 
     def pack(t: torch.Tensor) -> torch.Tensor | tuple:
-        recipe = recipes.get(storage(t))
+        recipe = recipes.get(_storage(t))
         return t if recipe is None else (recipe, t.shape, t.stride(), t.storage_offset())
 
     def unpack(saved: torch.Tensor | tuple) -> torch.Tensor:
@@ -213,7 +213,7 @@ def _fused_blocks(
 
 
 class _MatmulBlocks(torch.autograd.Function):
-    """The blocks as batched matrix products with a float32 softmax (``fused=False``).
+    """The blocks as batched matrix products and a softmax (``fused=False``).
 
     It keeps for the backward pass what a fused kernel keeps, ``q, k, v`` as given and
     the output, and the backward pass gathers the blocks again and recomputes their
@@ -243,9 +243,9 @@ class _MatmulParts:
     """Blocks ``lo … hi-1`` of ``q, k, v`` ``(B, S, heads, d)``, heads first, with two
     groups of keys: the text ``(B, heads, T, d)``, which every image query reads whole,
     multiplied once for all blocks; and each block's image keys ``(B, heads, blocks,
-    K - T, d)``, gathered, against its queries ``(B, heads, blocks, b, d)``. Products that
-    end in the keys' axis are written side by side into one float32 ``(…, b, K)`` tensor,
-    so that each block's softmax is one pass."""
+    K - T, d)``, gathered, against its queries ``(B, heads, blocks, b, d)``. The scores
+    against both groups are written side by side into one ``(…, b, K)`` tensor, so that
+    each block's softmax is one pass."""
 
     def __init__(self, q, k, v, plan: BlockPlan, lo: int, hi: int):
         size, dim, T = q.shape[1], q.shape[-1], plan.text
@@ -264,12 +264,12 @@ class _MatmulParts:
     def _rows(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return x.index_select(2, index).unflatten(2, (self.blocks, -1))
 
-    def _flat(
-        self, x: torch.Tensor
-    ) -> torch.Tensor:  # (B, heads, blocks, n, ·) -> (B, heads, blocks · n, ·)
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, heads, blocks, n, ·)`` -> ``(B, heads, blocks · n, ·)``."""
         return x.flatten(2, 3)
 
-    def _blocked(self, x: torch.Tensor) -> torch.Tensor:  # the inverse, for n = b
+    def _blocked(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`_flat`, for ``n = b``."""
         return x.unflatten(2, (self.blocks, self.b))
 
     def heads_first(self, rows: torch.Tensor) -> torch.Tensor:

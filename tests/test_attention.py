@@ -152,8 +152,9 @@ def test_gathered_blocks_are_not_kept_for_the_backward_pass():
 
 
 def test_matmul_blocks_keep_neither_key_blocks_nor_probabilities():
-    # what the products keep: q, k, v themselves, the output and one number per query
-    # and head; never a gathered block nor the (queries, keys) probabilities
+    # what the products keep: q, k, v themselves and the output (besides the text
+    # queries' own fused attention and its statistics); never a gathered block nor the
+    # (queries, keys) probabilities
     text, grid = 33, 16
     plan = block_plan("conv", text, grid, 11, fused=False)
     q, k, v = inputs(text, grid * grid - 1)
@@ -169,7 +170,7 @@ def test_matmul_blocks_keep_neither_key_blocks_nor_probabilities():
     own = [t for t in kept if t.untyped_storage().data_ptr() not in sources]
     assert len(own) < len(kept)  # q, k, v are kept as given, not as copies
     assert max(t.numel() for t in own) <= q.numel()  # no (queries, K) tensor
-    assert sum(t.numel() for t in own) <= 2 * q.numel()  # the output + per-query numbers
+    assert sum(t.numel() for t in own) <= 2 * q.numel()  # the outputs + text statistics
     out.sum().backward()
     assert k.grad is not None and k.grad.abs().sum() > 0
 
