@@ -6,7 +6,8 @@
 
 The model is the side-by-side comparison's shape: dim 256, depth 6, 8 heads × 32, ff ×4,
 text length 32 (1000 BPE tokens + 32 pads), image vocabulary 1024, random weights;
-``dalle`` is the paper's schedule (row, column, row, row, row, conv 11×11).
+``dalle`` is the paper's schedule (row, column, row, row, row, conv 11×11). AdamW is
+the trainer's (fused into one kernel, :func:`dalle1.training.systems.fused_adamw`).
 ``--precision bf16-mixed`` runs every step under CPU bf16 autocast with the attention
 kernels the trainer picks for it (``set_flash_attention(model, False)``: matmul blocks
 for the sparse layers; the fused kernel for dense layers this long, ``PLAIN_DENSE_MAX``).
@@ -47,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from dalle1.config import DALLEConfig  # noqa: E402
-from dalle1.training.systems import set_flash_attention  # noqa: E402
+from dalle1.config import DALLEConfig, TrainConfig  # noqa: E402
+from dalle1.training.systems import fused_adamw, set_flash_attention  # noqa: E402
 from dalle1.transformer import DALLE, StreamShape  # noqa: E402
 
 MODEL = dict(dim=256, depth=6, heads=8, dim_head=32, ff_mult=4, conv_kernel=11)
@@ -69,7 +70,9 @@ def batch_of(grid: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def trainer(model: DALLE, text: torch.Tensor, codes: torch.Tensor, precision: str = "32-true"):
     """One training step as a function, under ``precision`` as the trainer runs it."""
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    params = list(model.parameters())
+    fused = fused_adamw(TrainConfig(precision=precision), params)  # as the trainer picks
+    opt = torch.optim.AdamW(params, lr=3e-4, fused=fused or None)
     bf16 = precision == "bf16-mixed"
     set_flash_attention(model, not bf16)
 

@@ -4,7 +4,8 @@
     python benchmarks/bench_training.py --device cuda --precision bf16
 
 One training step = forward over the whole [<bos>, text, image] stream, DALL-E's
-weighted loss (1/8 text, 7/8 image), backward, AdamW update: what
+weighted loss (1/8 text, 7/8 image), backward, AdamW update (fused where the trainer
+fuses it, :func:`dalle1.training.systems.fused_adamw`): what
 ``dalle1.training`` does per batch, without Lightning's bookkeeping. Random tokens:
 the cost does not depend on the data. Under ``--precision bf16`` on a CPU the layers
 take the attention kernels the trainer picks there (``set_flash_attention(model,
@@ -40,7 +41,8 @@ from _common import (  # noqa: E402
     timed,
 )
 
-from dalle1.training.systems import set_flash_attention  # noqa: E402
+from dalle1.config import TrainConfig  # noqa: E402
+from dalle1.training.systems import fused_adamw, set_flash_attention  # noqa: E402
 
 
 def main() -> None:
@@ -59,7 +61,10 @@ def main() -> None:
     model = build_model(args.grid, args.attention, device).train()
     if device.type == "cpu" and args.precision == "bf16":  # as the trainer does (systems.py)
         set_flash_attention(model, False)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    params = list(model.parameters())
+    precision = "bf16-mixed" if args.precision == "bf16" else "32-true"
+    fused = fused_adamw(TrainConfig(precision=precision), params)  # as the trainer picks
+    opt = torch.optim.AdamW(params, lr=3e-4, fused=fused or None)
     g = torch.Generator().manual_seed(0)
     n_codes = args.grid * args.grid
     text = torch.randint(2, TEXT_VOCAB - TEXT_LEN, (args.batch, TEXT_LEN), generator=g)
@@ -96,8 +101,30 @@ def main() -> None:
         "tokens_per_s": round(tokens / wall, 1),
         "steps_timed": args.steps,
         **mem.report(),
+        "adamw_step_ms": adamw_steps(model, device),
     }
     print(json.dumps(report, indent=2))
+
+
+def adamw_steps(model: torch.nn.Module, device: torch.device, steps: int = 10) -> dict:
+    """Milliseconds of one AdamW update of the model's parameters, per torch kernel:
+    ``loop`` (one tensor at a time), ``foreach`` (torch's default), ``fused`` (the
+    trainer's, where it fuses, :func:`dalle1.training.systems.fused_adamw`)."""
+    params = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    out = {}
+    for name, kw in (
+        ("loop", {"foreach": False}),
+        ("foreach", {"foreach": True}),
+        ("fused", {"fused": True}),
+    ):
+        opt = torch.optim.AdamW(params, lr=3e-4, **kw)
+        for _ in range(3):
+            opt.step()
+        times = [timed(opt.step, device)[0] for _ in range(steps)]
+        out[name] = round(median(times) * 1e3, 2)
+    return out
 
 
 if __name__ == "__main__":
