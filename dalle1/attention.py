@@ -31,6 +31,9 @@ Kernels. ``fused=True`` (the default) runs the blocks through SDPA's fused kerne
 which bf16 training on a CPU takes: there the fused kernel's bf16 backward is slow on
 small blocks (``DALLE.flash``, docs/benchmarks.md). The products multiply the text keys,
 which every image query reads, once for all blocks, and only the image keys per block.
+A row or conv block reads one run of codes (its *window*), each ``b`` codes after the
+last block's, so the backward pass adds the windows' key gradients back with a few
+strided additions instead of a row-by-row ``index_add_`` (:func:`_add_every`).
 
 Memory. Each image key appears in several blocks, so the gathered blocks are copies.
 Neither kernel keeps them for the backward pass: :func:`_fused_blocks` keeps only how to
@@ -76,6 +79,9 @@ class BlockPlan:
     keys: torch.Tensor  # (blocks, K) long
     mask: torch.Tensor  # (blocks, b, K) bool: may query i of block j attend key k?
     raster_slot: torch.Tensor  # (grid²,) long: the slot holding each image code
+    # row and conv: block j reads the image codes j·b + window … j·b + window + K - T - 1
+    # (a run: the allowed offsets leave no gap); None for column
+    window: int | None = None
 
 
 def default_block(kind: str, grid: int, fused: bool = True) -> int:
@@ -135,6 +141,9 @@ def _build_plan(kind: str, text: int, grid: int, conv_kernel: int, block: int) -
     slots = queries.flatten()
     real = slots < n  # padding slots of the last block hold no code
     raster_slot[slots[real]] = torch.arange(len(slots), device=device)[real]
+    window = None
+    if kind != "column" and int(relative[-1] - relative[0]) + 1 == len(relative):
+        window = int(relative[0])
     return BlockPlan(
         kind,
         text,
@@ -144,6 +153,7 @@ def _build_plan(kind: str, text: int, grid: int, conv_kernel: int, block: int) -
         keys,
         torch.cat([mask_text, mask_image], 2),
         raster_slot,
+        window,
     )
 
 
@@ -243,20 +253,23 @@ class _MatmulParts:
     """Blocks ``lo … hi-1`` of ``q, k, v`` ``(B, S, heads, d)``, heads first, with two
     groups of keys: the text ``(B, heads, T, d)``, which every image query reads whole,
     multiplied once for all blocks; and each block's image keys ``(B, heads, blocks,
-    K - T, d)``, gathered, against its queries ``(B, heads, blocks, b, d)``. The scores
-    against both groups are written side by side into one ``(…, b, K)`` tensor, so that
-    each block's softmax is one pass."""
+    K - T, d)``, gathered, against its queries ``(B, heads, blocks, b, d)``. The products
+    against both groups are written side by side into one ``(…, b, K)`` tensor
+    (:meth:`_side_by_side`), so that each block's softmax and its backward are one pass.
+    The queries are kept scaled by ``1/√d``, which scales the scores (and ``dk``) for the
+    cost of one pass over the queries instead of one over the scores."""
 
     def __init__(self, q, k, v, plan: BlockPlan, lo: int, hi: int):
         size, dim, T = q.shape[1], q.shape[-1], plan.text
         self.shape, self.blocks, self.b = q.transpose(1, 2).shape, hi - lo, plan.block
+        self.lo, self.window = lo, plan.window
         self.q_index = _redirect(plan.queries[lo:hi].flatten(), size)
         self.k_index = _redirect(plan.keys[lo:hi, T:].flatten(), size)
         qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, heads, S, d)
         self.text_k, self.text_v = kh[:, :, :T], vh[:, :, :T]
-        self.q = self._rows(qh, self.q_index)
-        self.k, self.v = self._rows(kh, self.k_index), self._rows(vh, self.k_index)
         self.scale, self.text = dim**-0.5, T
+        self.q = self._rows(qh, self.q_index).mul_(self.scale)
+        self.k, self.v = self._rows(kh, self.k_index), self._rows(vh, self.k_index)
         allowed = plan.mask[lo:hi, :, T:]  # the text part of the mask is all True
         bias = torch.zeros(allowed.shape, device=q.device, dtype=self.q.dtype)
         self.bias = bias.masked_fill_(~allowed, -torch.inf)
@@ -281,23 +294,33 @@ class _MatmulParts:
         """The inverse of :meth:`heads_first` (a copy)."""
         return x.permute(2, 3, 0, 1, 4).reshape(self.blocks * self.b, self.shape[0], -1)
 
-    def _keys_side_by_side(self, text, image, text_bias, image_bias, alpha) -> torch.Tensor:
-        """``(…, b, K)``: ``text_bias + alpha · text``, then ``image_bias + alpha · image``,
-        in the products' dtype: under bf16 autocast they come rounded to bf16 already, and
-        float32 here would double the bytes of every pass for no closer result."""
-        shape = (*image.shape[:-1], self.text + image.shape[-1])
-        out = torch.empty(shape, device=image.device, dtype=image.dtype)
-        torch.add(text_bias, self._blocked(text), alpha=alpha, out=out[..., : self.text])
-        torch.add(image_bias, image, alpha=alpha, out=out[..., self.text :])
+    def _side_by_side(self, rows: torch.Tensor, text: torch.Tensor, image: torch.Tensor):
+        """``(…, b, K)``: ``rows @ textᵀ`` then ``rows @ imageᵀ`` for the rows ``(B, heads,
+        blocks, b, d)`` of each block, each product written straight into its part (a
+        strided output costs a matrix product nothing), in the products' dtype: under
+        bf16 autocast they are rounded to bf16 anyway, and float32 here would double the
+        bytes of every pass over the scores for no closer result."""
+        batch, heads, blocks, b, _ = rows.shape
+        out = rows.new_empty(batch, heads, blocks, b, self.text + image.shape[-2])
+        flat = out.view(batch * heads, blocks * b, -1)  # the text part: one product per head
+        torch.bmm(
+            rows.reshape(batch * heads, blocks * b, -1),
+            text.flatten(0, 1).transpose(1, 2),
+            out=flat[..., : self.text],
+        )
+        torch.bmm(
+            rows.flatten(0, 2),
+            image.flatten(0, 2).transpose(1, 2),
+            out=out.view(-1, b, out.shape[-1])[..., self.text :],
+        )
         return out
 
     def probs(self) -> torch.Tensor:
         """Softmax of each image query over its text and image keys, (…, b, K) (computed
         in float32 inside the kernel, whatever the dtype)."""
-        text = self._flat(self.q) @ self.text_k.transpose(-1, -2)
-        image = self.q @ self.k.transpose(-1, -2)
-        zero = self.bias.new_zeros(1)
-        return self._keys_side_by_side(text, image, zero, self.bias, self.scale).softmax(-1)
+        scores = self._side_by_side(self.q, self.text_k, self.k)
+        scores[..., self.text :].add_(self.bias)
+        return scores.softmax(-1)
 
     def forward(self) -> torch.Tensor:
         """The attention output ``(B, heads, blocks, b, d)``."""
@@ -310,7 +333,8 @@ class _MatmulParts:
         """Gradients for ``q, k, v`` ``(B, S, heads, d)`` from the output's."""
         dtype, T = self.v.dtype, self.text
         grad, probs = grad.to(dtype).contiguous(), self.probs()
-        # each group of keys on its own from here: contiguous operands for the products
+        # each group of keys on its own from here: a CPU matrix product copies a strided
+        # operand (transposed, slowly), so one plain copy of each part is cheaper
         p_text, p_image = self._flat(probs[..., :T]).contiguous(), probs[..., T:].contiguous()
         # free at once: the last layer runs its backward pass first, on top of everything
         # the layers keep, so what it holds here sets the training step's peak
@@ -320,17 +344,43 @@ class _MatmulParts:
         # softmax backward: p · (dp − Σ p · dp), where Σ p · dp = grad · out for each query
         rowdot = (grad.float() * out.float()).sum(-1, keepdim=True).to(dtype)
         dp_text = self._flat(grad) @ self.text_v.transpose(-1, -2)
-        ds_text = dp_text.sub_(self._flat(rowdot)).mul_(p_text).mul_(self.scale)
-        dp_image = grad @ self.v.transpose(-1, -2)
-        ds_image = dp_image.sub_(rowdot).mul_(p_image).mul_(self.scale)
-        dq = ds_text @ self.text_k + self._flat(ds_image @ self.k)
+        ds_text = dp_text.sub_(self._flat(rowdot)).mul_(p_text)
+        ds_image = (grad @ self.v.transpose(-1, -2)).sub_(rowdot).mul_(p_image)
+        # the scores are (q / √d) kᵀ: dk takes the kept, scaled queries; dq the scale
+        dq = (ds_text @ self.text_k).add_(self._flat(ds_image @ self.k)).mul_(self.scale)
         dk_text = ds_text.transpose(-1, -2) @ self._flat(self.q)
         dk_image = ds_image.transpose(-1, -2) @ self.q
-        return (
-            self._scatter(dq, self.q_index),
-            self._scatter(self._flat(dk_image), self.k_index, dk_text),
-            self._scatter(self._flat(dv_image), self.k_index, dv_text),
-        )
+        if self.window is None:
+            return (
+                self._scatter(dq, self.q_index),
+                self._scatter(self._flat(dk_image), self.k_index, dk_text),
+                self._scatter(self._flat(dv_image), self.k_index, dv_text),
+            )
+        return self._slots(dq), self._windows(dk_image, dk_text), self._windows(dv_image, dv_text)
+
+    def _slots(self, rows: torch.Tensor) -> torch.Tensor:
+        """Row and conv: the queries' gradient ``(B, heads, blocks · b, d)`` to its stream
+        positions, ``(B, S, heads, d)``: slot ``i`` is image code ``lo · b + i``."""
+        full = rows.new_zeros(self.shape)
+        first = self.text + self.lo * self.b
+        n = min(rows.shape[2], self.shape[2] - first)  # slots past the stream hold no query
+        full[:, :, first : first + n] = rows[:, :, :n]
+        return full.transpose(1, 2)
+
+    def _windows(self, rows: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Row and conv: a key or value gradient, ``text`` ``(B, heads, T, d)`` and each
+        block's window ``rows`` ``(B, heads, blocks, W, d)``, to the stream positions,
+        ``(B, S, heads, d)``. A code sits in several windows, so its rows are summed. Not
+        with ``index_add_`` (one thread, one row at a time): block ``j``'s window starts
+        ``b`` codes after block ``j - 1``'s, so the ``p``-th ``b`` rows of all windows
+        tile one run of the stream, and the windows add in ``⌈W / b⌉`` strided additions."""
+        full = rows.new_zeros(self.shape)
+        full[:, :, : self.text] = text
+        b = self.b
+        first = self.text + self.lo * b + self.window  # stream position of window 0's row 0
+        for p in range(-(-rows.shape[3] // b)):
+            _add_every(full, rows[:, :, :, p * b : (p + 1) * b], first + p * b, b, self.text)
+        return full.transpose(1, 2)
 
     def _scatter(self, rows: torch.Tensor, index: torch.Tensor, text=None) -> torch.Tensor:
         """Rows of a gradient back to their stream positions, (B, S, heads, d); a position
@@ -339,6 +389,34 @@ class _MatmulParts:
         if text is not None:
             full[:, :, : self.text] = text
         return full.index_add_(2, index, rows).transpose(1, 2)
+
+
+def _add_every(full: torch.Tensor, rows: torch.Tensor, start: int, step: int, low: int) -> None:
+    """``full[:, :, start + j · step + i] += rows[:, :, j, i]`` (``full`` ``(B, heads, S, d)``,
+    ``rows`` ``(B, heads, J, w, d)``, ``w ≤ step``) for the positions in ``[low, S)``; the
+    rows outside are a window's reach before the image or past the stream's end, which no
+    query may see, so their gradients are zero. One strided addition for the blocks of
+    rows wholly inside, one small one for each of the (at most two) that cross an end."""
+    size, (blocks, w) = full.shape[2], rows.shape[2:4]
+    inside_lo = max(0, -((start - low) // step))  # first j with start + j · step >= low
+    inside_hi = min(blocks, (size - w - start) // step + 1)  # past the last j ending <= S
+    if inside_hi > inside_lo:
+        st = full.stride()
+        target = full.as_strided(
+            (*full.shape[:2], inside_hi - inside_lo, w, full.shape[3]),
+            (st[0], st[1], step * st[2], st[2], st[3]),
+            full.storage_offset() + (start + inside_lo * step) * st[2],
+        )
+        target += rows[:, :, inside_lo:inside_hi]
+    touching_lo = max(0, (low - w - start) // step + 1)  # first j whose rows reach low
+    touching_hi = min(blocks, -((start - size) // step))  # past the last j starting < S
+    for j in range(touching_lo, touching_hi):
+        if inside_lo <= j < inside_hi:
+            continue
+        at = start + j * step
+        a, z = max(0, low - at), min(w, size - at)
+        if z > a:
+            full[:, :, at + a : at + z] += rows[:, :, j, a:z]
 
 
 def matmul_attention(

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle1.attention import block_plan, default_block, sparse_attention
+from dalle1.attention import _add_every, block_plan, default_block, sparse_attention
 from dalle1.masks import allowed
 
 
@@ -192,3 +192,30 @@ def test_matmul_blocks_leave_attention_dropout_to_the_fused_kernel():
     assert torch.equal(runs[0], runs[1])
     plain = sparse_attention(q, k, v, plan, fused=False)
     assert runs[0].isfinite().all() and not torch.allclose(runs[0], plain)
+
+
+@pytest.mark.parametrize("start, step, low, size", [(-7, 4, 2, 23), (3, 4, 0, 12), (-30, 5, 6, 14)])
+@pytest.mark.parametrize("w", [1, 3, 4])
+def test_windows_add_like_a_loop_over_their_rows(start, step, low, size, w):
+    w = min(w, step)
+    full = torch.randn(2, 3, size, 5, generator=torch.Generator().manual_seed(0))
+    rows = torch.randn(2, 3, 6, w, 5, generator=torch.Generator().manual_seed(1))
+    want = full.clone()
+    for j in range(6):
+        for i in range(w):
+            if low <= start + j * step + i < size:
+                want[:, :, start + j * step + i] += rows[:, :, j, i]
+    _add_every(full, rows, start, step, low)
+    assert torch.equal(full, want)
+
+
+@pytest.mark.parametrize("kind", ["row", "conv"])
+def test_paper_sized_row_and_conv_windows_are_runs(kind):
+    # the matmul blocks add their key gradients back window by window (not index_add_)
+    # when each block reads one run of codes: so for the paper's 32x32 grid and 11x11 conv
+    plan = block_plan(kind, 257, 32, 11, fused=False)
+    image = plan.keys[:, 257:] - 257
+    j = torch.arange(len(image))[:, None]
+    run = j * plan.block + plan.window + torch.arange(image.shape[1])
+    assert torch.equal(image, run.clamp(0, 32 * 32 - 1))
+    assert block_plan("column", 257, 32, 11, fused=False).window is None
