@@ -31,9 +31,12 @@ Kernels. ``fused=True`` (the default) runs the blocks through SDPA's fused kerne
 which bf16 training on a CPU takes: there the fused kernel's bf16 backward is slow on
 small blocks (``DALLE.flash``, docs/benchmarks.md). The products multiply the text keys,
 which every image query reads, once for all blocks, and only the image keys per block.
-A row or conv block reads one run of codes (its *window*), each ``b`` codes after the
-last block's, so the backward pass adds the windows' key gradients back with a few
-strided additions instead of a row-by-row ``index_add_`` (:func:`_add_every`).
+No gather by index where the layout makes one needless: a row or conv block reads one
+run of codes (its *window*), each ``b`` codes after the last block's, so its queries are
+a slice, its keys a strided copy of overlapping windows (:func:`_windows_of`), and the
+backward pass adds the windows' key gradients back with a few strided additions instead
+of a row-by-row ``index_add_`` (:func:`_add_every`); a column block is a column of the
+image, read and written back by a transposing copy.
 
 Memory. Each image key appears in several blocks, so the gathered blocks are copies.
 Neither kernel keeps them for the backward pass: :func:`_fused_blocks` keeps only how to
@@ -262,17 +265,41 @@ class _MatmulParts:
     def __init__(self, q, k, v, plan: BlockPlan, lo: int, hi: int):
         size, dim, T = q.shape[1], q.shape[-1], plan.text
         self.shape, self.blocks, self.b = q.transpose(1, 2).shape, hi - lo, plan.block
-        self.lo, self.window = lo, plan.window
-        self.q_index = _redirect(plan.queries[lo:hi].flatten(), size)
-        self.k_index = _redirect(plan.keys[lo:hi, T:].flatten(), size)
-        qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, heads, S, d)
-        self.text_k, self.text_v = kh[:, :, :T], vh[:, :, :T]
+        self.lo, self.window, self.grid = lo, plan.window, plan.grid
         self.scale, self.text = dim**-0.5, T
-        self.q = self._rows(qh, self.q_index).mul_(self.scale)
-        self.k, self.v = self._rows(kh, self.k_index), self._rows(vh, self.k_index)
+        self.columns = plan.kind == "column"
+        if self.columns:  # block c is column c: the image part read transposed
+            qh, kh, vh = (_padded(x, 0, T + plan.grid**2) for x in (q, k, v))
+            columns = [self._transposed(x)[:, :, lo:hi] for x in (qh, kh, vh)]
+            self.q = columns[0] * self.scale  # a contiguous copy, as the keys'
+            self.k, self.v = (x.contiguous() for x in columns[1:])
+        elif self.window is None:  # the blocks' rows gathered by index
+            self.q_index = _redirect(plan.queries[lo:hi].flatten(), size)
+            self.k_index = _redirect(plan.keys[lo:hi, T:].flatten(), size)
+            qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, heads, S, d)
+            self.q = self._rows(qh, self.q_index).mul_(self.scale)
+            self.k, self.v = self._rows(kh, self.k_index), self._rows(vh, self.k_index)
+        else:  # row, conv: slices and windows of a padded copy
+            width = plan.keys.shape[1] - T
+            first = T + lo * self.b + self.window  # stream position of window 0's row 0
+            end = max(T + hi * self.b, first + (self.blocks - 1) * self.b + width)
+            qh, kh, vh = (_padded(x, first, end) for x in (q, k, v))
+            at = max(0, -first)  # where stream position 0 sits in the padded copies
+            queries = qh[:, :, at + T + lo * self.b : at + T + hi * self.b]
+            self.q = self._blocked(queries * self.scale)
+            self.k, self.v = (
+                _windows_of(x, at + first, self.blocks, self.b, width) for x in (kh, vh)
+            )
+            kh, vh = kh[:, :, at:], vh[:, :, at:]
+        self.text_k, self.text_v = kh[:, :, :T], vh[:, :, :T]
         allowed = plan.mask[lo:hi, :, T:]  # the text part of the mask is all True
         bias = torch.zeros(allowed.shape, device=q.device, dtype=self.q.dtype)
         self.bias = bias.masked_fill_(~allowed, -torch.inf)
+
+    def _transposed(self, x: torch.Tensor) -> torch.Tensor:
+        """The image part of ``x`` ``(B, heads, T + grid², d)`` column by column, ``(B,
+        heads, column, row, d)``: a view."""
+        return x[:, :, self.text :].unflatten(2, (self.grid, self.grid)).transpose(2, 3)
 
     def _rows(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return x.index_select(2, index).unflatten(2, (self.blocks, -1))
@@ -350,6 +377,12 @@ class _MatmulParts:
         dq = (ds_text @ self.text_k).add_(self._flat(ds_image @ self.k)).mul_(self.scale)
         dk_text = ds_text.transpose(-1, -2) @ self._flat(self.q)
         dk_image = ds_image.transpose(-1, -2) @ self.q
+        if self.columns:
+            return (
+                self._columns(self._blocked(dq)),
+                self._columns(dk_image, dk_text),
+                self._columns(dv_image, dv_text),
+            )
         if self.window is None:
             return (
                 self._scatter(dq, self.q_index),
@@ -357,6 +390,17 @@ class _MatmulParts:
                 self._scatter(self._flat(dv_image), self.k_index, dv_text),
             )
         return self._slots(dq), self._windows(dk_image, dk_text), self._windows(dv_image, dv_text)
+
+    def _columns(self, rows: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """Column: a gradient, ``text`` ``(B, heads, T, d)`` (None: zeros) and the columns
+        ``rows`` ``(B, heads, blocks, grid, d)``, to the stream positions ``(B, S, heads,
+        d)``: each code is in one column, so this is a transposing copy."""
+        batch, heads, size, dim = self.shape
+        full = rows.new_zeros(batch, heads, self.text + self.grid**2, dim)
+        if text is not None:
+            full[:, :, : self.text] = text
+        self._transposed(full)[:, :, self.lo : self.lo + self.blocks] = rows
+        return full[:, :, :size].transpose(1, 2)
 
     def _slots(self, rows: torch.Tensor) -> torch.Tensor:
         """Row and conv: the queries' gradient ``(B, heads, blocks · b, d)`` to its stream
@@ -389,6 +433,32 @@ class _MatmulParts:
         if text is not None:
             full[:, :, : self.text] = text
         return full.index_add_(2, index, rows).transpose(1, 2)
+
+
+def _padded(x: torch.Tensor, first: int, end: int) -> torch.Tensor:
+    """``x`` ``(B, S, heads, d)`` heads first, ``(B, heads, ·, d)``, holding stream positions
+    ``min(first, 0) … max(end, S) - 1``: the positions outside ``[0, S)`` are zeros (a
+    window's reach before the image or past the stream's end, which no query may see)."""
+    batch, size, heads, dim = x.shape
+    before, after = max(0, -first), max(0, end - size)
+    out = x.new_empty(batch, heads, before + size + after, dim)
+    out[:, :, :before].zero_()
+    out[:, :, before + size :].zero_()
+    out[:, :, before : before + size] = x.transpose(1, 2)
+    return out
+
+
+def _windows_of(x: torch.Tensor, start: int, blocks: int, step: int, width: int) -> torch.Tensor:
+    """``(B, heads, blocks, width, d)``: block ``j`` holds rows ``start + j · step`` … of
+    ``x`` ``(B, heads, ·, d)``; the windows overlap, so this is a copy (a strided one: each
+    window is ``width`` consecutive rows, so the copy runs in long contiguous pieces)."""
+    st = x.stride()
+    view = x.as_strided(
+        (*x.shape[:2], blocks, width, x.shape[3]),
+        (st[0], st[1], step * st[2], st[2], st[3]),
+        x.storage_offset() + start * st[2],
+    )
+    return view.contiguous()
 
 
 def _add_every(full: torch.Tensor, rows: torch.Tensor, start: int, step: int, low: int) -> None:
