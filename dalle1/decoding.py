@@ -438,10 +438,12 @@ def decode_threads(rows: int, device: torch.device) -> int:
 
 
 # A one-query read of at least this many key + value bytes runs on every thread torch
-# was given, even inside a one-thread step: it streams several MB from memory, which two
-# cores do faster than one (1.3x at batch 8, grid 32), while at this size the products
-# around it are still too small to split (docs/benchmarks.md).
-PARALLEL_READ_BYTES = 4 << 20
+# was given, even inside a one-thread step: it streams a MB or more from memory, which
+# two cores do faster than one (1.3x at batch 8, grid 32), while at this size the
+# products around it are still too small to split. 1 MB rather than 4 brings batch 8 at
+# grid 16 in too (3-8% a generation); at 512 KB batch 1 at grid 16 got slower
+# (docs/benchmarks.md).
+PARALLEL_READ_BYTES = 1 << 20
 
 _outer_threads: list[int] = []  # the counts intra_op_threads blocks replaced, outermost first
 
