@@ -437,13 +437,15 @@ def decode_threads(rows: int, device: torch.device) -> int:
     return 1
 
 
-# A one-query read of at least this many key + value bytes runs on every thread torch
-# was given, even inside a one-thread step: it streams a MB or more from memory, which
-# two cores do faster than one (1.3x at batch 8, grid 32), while at this size the
-# products around it are still too small to split. 1 MB rather than 4 brings batch 8 at
-# grid 16 in too (3-8% a generation); at 512 KB batch 1 at grid 16 got slower
-# (docs/benchmarks.md).
+# A one-query read of at least this many key + value bytes, over at least this many
+# (batch row, head) pairs, runs on every thread torch was given, even inside a
+# one-thread step: it streams a MB or more from memory, which two cores do faster than
+# one (1.3x at batch 8, grid 32), while at this size the products around it are still
+# too small to split. 1 MB rather than 4 brings batch 8 at grid 16 in too (0-8% a
+# generation). The kernel splits the read by (row, head): one row's 8 heads gave each
+# thread too little (512 KB: batch 1 at grid 16 slower; docs/benchmarks.md).
 PARALLEL_READ_BYTES = 1 << 20
+PARALLEL_READ_HEADS = 16
 
 _outer_threads: list[int] = []  # the counts intra_op_threads blocks replaced, outermost first
 
@@ -466,13 +468,16 @@ def intra_op_threads(n: int) -> Iterator[None]:
 def read_threads(keys: torch.Tensor, read: Read) -> int:
     """Threads for one query's attention over the positions ``read`` names in ``keys``
     (B, H, capacity, d): torch's own setting (outside any :func:`intra_op_threads`) for
-    a read of :data:`PARALLEL_READ_BYTES` or more of keys and values on a CPU, else the
-    current count."""
+    a read of :data:`PARALLEL_READ_BYTES` or more of keys and values over
+    :data:`PARALLEL_READ_HEADS` or more (row, head) pairs on a CPU, else the current
+    count."""
     current = torch.get_num_threads()
     b, h, capacity, d = keys.shape
     per_position = 2 * b * h * d * keys.element_size()  # one key and one value
+    if keys.device.type != "cpu" or b * h < PARALLEL_READ_HEADS:
+        return current
     # the whole cache is below the threshold at most steps of small batches: no counting
-    if keys.device.type != "cpu" or per_position * capacity < PARALLEL_READ_BYTES:
+    if per_position * capacity < PARALLEL_READ_BYTES:
         return current
     if per_position * read_width(read) < PARALLEL_READ_BYTES:
         return current

@@ -302,15 +302,22 @@ def test_packed_decoding_equals_plain_decoding_and_the_full_forward(monkeypatch)
 
 
 def test_a_large_read_runs_on_every_thread_inside_a_one_thread_step(monkeypatch):
-    before = torch.get_num_threads()
     keys = torch.zeros(8, 8, 1024, 32)  # 2 x 8 x 8 x 512 x 32 x 4 bytes = 8 MB for 512 keys
-    with intra_op_threads(1):
-        assert read_threads(keys, (slice(0, 512, 1),)) == before
-        assert read_threads(keys, (slice(0, 8, 1), slice(8, 520, 64))) == 1  # 16 keys: 256 KB
-        assert read_threads(keys[:1], (slice(0, 1024, 1),)) == 1  # a 2 MB cache: never counted
-    assert read_threads(keys, (slice(0, 512, 1),)) == before  # outside: torch's own setting
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # torch's own setting, which a large read goes back to
+    try:
+        with intra_op_threads(1):
+            assert read_threads(keys, (slice(0, 512, 1),)) == 2
+            assert read_threads(keys, (slice(0, 64, 1),)) == 2  # 64 keys: 1 MB
+            assert read_threads(keys, (slice(0, 8, 1), slice(8, 520, 64))) == 1  # 256 KB
+            assert read_threads(keys[:2], (slice(0, 1024, 1),)) == 2  # 16 (row, head) pairs
+            assert read_threads(keys[:1], (slice(0, 1024, 1),)) == 1  # one row's 8 heads
+        assert read_threads(keys, (slice(0, 512, 1),)) == 2  # outside: torch's own setting
+    finally:
+        torch.set_num_threads(before)
     # the same codes whichever way the reads are threaded
     m, t = make(ALL_KINDS), text(3)
     serial = sample_codes(m, t, temperature=0)
     monkeypatch.setattr(decoding, "PARALLEL_READ_BYTES", 0)  # every read on every thread
+    monkeypatch.setattr(decoding, "PARALLEL_READ_HEADS", 0)
     assert torch.equal(sample_codes(m, t, temperature=0), serial)
