@@ -256,45 +256,64 @@ class _MatmulParts:
     """Blocks ``lo … hi-1`` of ``q, k, v`` ``(B, S, heads, d)``, heads first, with two
     groups of keys: the text ``(B, heads, T, d)``, which every image query reads whole,
     multiplied once for all blocks; and each block's image keys ``(B, heads, blocks,
-    K - T, d)``, gathered, against its queries ``(B, heads, blocks, b, d)``. The products
-    against both groups are written side by side into one ``(…, b, K)`` tensor
+    K - T, d)`` against its queries ``(B, heads, blocks, b, d)``. The products against
+    both groups are written side by side into one ``(…, b, K)`` tensor
     (:meth:`_side_by_side`), so that each block's softmax and its backward are one pass.
     The queries are kept scaled by ``1/√d``, which scales the scores (and ``dk``) for the
-    cost of one pass over the queries instead of one over the scores."""
+    cost of one pass over the queries instead of one over the scores.
+
+    How the blocks are read (and their gradients written back) follows the plan: row and
+    conv blocks as windows of the stream (:meth:`_read_windows`), column blocks as the
+    transposed image (:meth:`_read_columns`), any other plan by index
+    (:meth:`_read_gathered`)."""
 
     def __init__(self, q, k, v, plan: BlockPlan, lo: int, hi: int):
-        size, dim, T = q.shape[1], q.shape[-1], plan.text
         self.shape, self.blocks, self.b = q.transpose(1, 2).shape, hi - lo, plan.block
         self.lo, self.window, self.grid = lo, plan.window, plan.grid
-        self.scale, self.text = dim**-0.5, T
+        self.scale, self.text = q.shape[-1] ** -0.5, plan.text
         self.columns = plan.kind == "column"
-        if self.columns:  # block c is column c: the image part read transposed
-            qh, kh, vh = (_padded(x, 0, T + plan.grid**2) for x in (q, k, v))
-            columns = [self._transposed(x)[:, :, lo:hi] for x in (qh, kh, vh)]
-            self.q = columns[0] * self.scale  # a contiguous copy, as the keys'
-            self.k, self.v = (x.contiguous() for x in columns[1:])
-        elif self.window is None:  # the blocks' rows gathered by index
-            self.q_index = _redirect(plan.queries[lo:hi].flatten(), size)
-            self.k_index = _redirect(plan.keys[lo:hi, T:].flatten(), size)
-            qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, heads, S, d)
-            self.q = self._rows(qh, self.q_index).mul_(self.scale)
-            self.k, self.v = self._rows(kh, self.k_index), self._rows(vh, self.k_index)
-        else:  # row, conv: slices and windows of a padded copy
-            width = plan.keys.shape[1] - T
-            first = T + lo * self.b + self.window  # stream position of window 0's row 0
-            end = max(T + hi * self.b, first + (self.blocks - 1) * self.b + width)
-            qh, kh, vh = (_padded(x, first, end) for x in (q, k, v))
-            at = max(0, -first)  # where stream position 0 sits in the padded copies
-            queries = qh[:, :, at + T + lo * self.b : at + T + hi * self.b]
-            self.q = self._blocked(queries * self.scale)
-            self.k, self.v = (
-                _windows_of(x, at + first, self.blocks, self.b, width) for x in (kh, vh)
-            )
-            kh, vh = kh[:, :, at:], vh[:, :, at:]
-        self.text_k, self.text_v = kh[:, :, :T], vh[:, :, :T]
-        allowed = plan.mask[lo:hi, :, T:]  # the text part of the mask is all True
+        if self.columns:
+            kh, vh = self._read_columns(q, k, v)
+        elif self.window is None:
+            kh, vh = self._read_gathered(q, k, v, plan)
+        else:
+            kh, vh = self._read_windows(q, k, v, plan.keys.shape[1] - self.text)
+        self.text_k, self.text_v = kh[:, :, : self.text], vh[:, :, : self.text]
+        allowed = plan.mask[lo:hi, :, self.text :]  # the text part of the mask is all True
         bias = torch.zeros(allowed.shape, device=q.device, dtype=self.q.dtype)
         self.bias = bias.masked_fill_(~allowed, -torch.inf)
+
+    def _read_columns(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """Column: block ``c`` is image column ``c``, read by a transposing copy. Sets the
+        blocks' queries, keys and values; returns the heads-first keys and values."""
+        qh, kh, vh = (_padded(x, 0, self.text + self.grid**2) for x in (q, k, v))
+        columns = [self._transposed(x)[:, :, self.lo : self.lo + self.blocks] for x in (qh, kh, vh)]
+        self.q = columns[0] * self.scale  # a contiguous copy, as the keys'
+        self.k, self.v = (x.contiguous() for x in columns[1:])
+        return kh, vh
+
+    def _read_gathered(self, q, k, v, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Any plan: the blocks' rows gathered by index (:meth:`_scatter` writes back)."""
+        size, lo, hi = q.shape[1], self.lo, self.lo + self.blocks
+        self.q_index = _redirect(plan.queries[lo:hi].flatten(), size)
+        self.k_index = _redirect(plan.keys[lo:hi, self.text :].flatten(), size)
+        qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # (B, heads, S, d)
+        self.q = self._rows(qh, self.q_index).mul_(self.scale)
+        self.k, self.v = self._rows(kh, self.k_index), self._rows(vh, self.k_index)
+        return kh, vh
+
+    def _read_windows(self, q, k, v, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row, conv: the queries a slice, the keys windows of ``width`` codes, of a
+        zero-padded heads-first copy (:meth:`_slots` and :meth:`_windows` write back)."""
+        T, b = self.text, self.b
+        first = T + self.lo * b + self.window  # stream position of window 0's row 0
+        end = max(T + (self.lo + self.blocks) * b, first + (self.blocks - 1) * b + width)
+        qh, kh, vh = (_padded(x, first, end) for x in (q, k, v))
+        at = max(0, -first)  # where stream position 0 sits in the padded copies
+        start = at + T + self.lo * b
+        self.q = self._blocked(qh[:, :, start : start + self.blocks * b] * self.scale)
+        self.k, self.v = (_windows_of(x, at + first, self.blocks, b, width) for x in (kh, vh))
+        return kh[:, :, at:], vh[:, :, at:]
 
     def _transposed(self, x: torch.Tensor) -> torch.Tensor:
         """The image part of ``x`` ``(B, heads, T + grid², d)`` column by column, ``(B,
@@ -377,19 +396,19 @@ class _MatmulParts:
         dq = (ds_text @ self.text_k).add_(self._flat(ds_image @ self.k)).mul_(self.scale)
         dk_text = ds_text.transpose(-1, -2) @ self._flat(self.q)
         dk_image = ds_image.transpose(-1, -2) @ self.q
+        return self._write_back(dq, (dk_text, dk_image), (dv_text, dv_image))
+
+    def _write_back(self, dq, dk: tuple, dv: tuple) -> tuple:
+        """The gradients of the blocks' queries ``(B, heads, blocks · b, d)`` and of the
+        keys and values, each ``(text, image)``, to the stream positions, each ``(B, S,
+        heads, d)``, the way the blocks were read."""
         if self.columns:
-            return (
-                self._columns(self._blocked(dq)),
-                self._columns(dk_image, dk_text),
-                self._columns(dv_image, dv_text),
-            )
+            kv = [self._columns(image, text) for text, image in (dk, dv)]
+            return self._columns(self._blocked(dq)), *kv
         if self.window is None:
-            return (
-                self._scatter(dq, self.q_index),
-                self._scatter(self._flat(dk_image), self.k_index, dk_text),
-                self._scatter(self._flat(dv_image), self.k_index, dv_text),
-            )
-        return self._slots(dq), self._windows(dk_image, dk_text), self._windows(dv_image, dv_text)
+            kv = [self._scatter(self._flat(image), self.k_index, text) for text, image in (dk, dv)]
+            return self._scatter(dq, self.q_index), *kv
+        return self._slots(dq), *(self._windows(image, text) for text, image in (dk, dv))
 
     def _columns(self, rows: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         """Column: a gradient, ``text`` ``(B, heads, T, d)`` (None: zeros) and the columns
