@@ -288,8 +288,9 @@ class _MatmulParts:
         blocks' queries, keys and values; returns the heads-first keys and values."""
         qh, kh, vh = (_padded(x, 0, self.text + self.grid**2) for x in (q, k, v))
         columns = [self._transposed(x)[:, :, self.lo : self.lo + self.blocks] for x in (qh, kh, vh)]
-        self.q = columns[0] * self.scale  # a contiguous copy, as the keys'
-        self.k, self.v = (x.contiguous() for x in columns[1:])
+        # contiguous copies (an element-wise product would keep the transposed layout)
+        self.q, self.k, self.v = (x.contiguous() for x in columns)
+        self.q.mul_(self.scale)
         return kh, vh
 
     def _read_gathered(self, q, k, v, plan: BlockPlan) -> tuple[torch.Tensor, torch.Tensor]:
