@@ -33,7 +33,7 @@ small blocks (``DALLE.flash``, docs/benchmarks.md). The products multiply the te
 which every image query reads, once for all blocks, and only the image keys per block.
 No gather by index where the layout makes one needless: a row or conv block reads one
 run of codes (its *window*), each ``b`` codes after the last block's, so its queries are
-a slice, its keys a strided copy of overlapping windows (:func:`_windows_of`), and the
+a slice, its keys a strided copy of overlapping windows (:func:`_runs`), and the
 backward pass adds the windows' key gradients back with a few strided additions instead
 of a row-by-row ``index_add_`` (:func:`_add_every`); a column block is a column of the
 image, read and written back by a transposing copy.
@@ -313,7 +313,9 @@ class _MatmulParts:
         at = max(0, -first)  # where stream position 0 sits in the padded copies
         start = at + T + self.lo * b
         self.q = self._blocked(qh[:, :, start : start + self.blocks * b] * self.scale)
-        self.k, self.v = (_windows_of(x, at + first, self.blocks, b, width) for x in (kh, vh))
+        self.k, self.v = (
+            _runs(x, at + first, self.blocks, b, width).contiguous() for x in (kh, vh)
+        )
         return kh[:, :, at:], vh[:, :, at:]
 
     def _transposed(self, x: torch.Tensor) -> torch.Tensor:
@@ -415,17 +417,14 @@ class _MatmulParts:
         """Column: a gradient, ``text`` ``(B, heads, T, d)`` (None: zeros) and the columns
         ``rows`` ``(B, heads, blocks, grid, d)``, to the stream positions ``(B, S, heads,
         d)``: each code is in one column, so this is a transposing copy."""
-        batch, heads, size, dim = self.shape
-        full = rows.new_zeros(batch, heads, self.text + self.grid**2, dim)
-        if text is not None:
-            full[:, :, : self.text] = text
+        full = self._zeros(rows, text, self.text + self.grid**2)
         self._transposed(full)[:, :, self.lo : self.lo + self.blocks] = rows
-        return full[:, :, :size].transpose(1, 2)
+        return full[:, :, : self.shape[2]].transpose(1, 2)
 
     def _slots(self, rows: torch.Tensor) -> torch.Tensor:
         """Row and conv: the queries' gradient ``(B, heads, blocks · b, d)`` to its stream
         positions, ``(B, S, heads, d)``: slot ``i`` is image code ``lo · b + i``."""
-        full = rows.new_zeros(self.shape)
+        full = self._zeros(rows)
         first = self.text + self.lo * self.b
         n = min(rows.shape[2], self.shape[2] - first)  # slots past the stream hold no query
         full[:, :, first : first + n] = rows[:, :, :n]
@@ -438,8 +437,7 @@ class _MatmulParts:
         with ``index_add_`` (one thread, one row at a time): block ``j``'s window starts
         ``b`` codes after block ``j - 1``'s, so the ``p``-th ``b`` rows of all windows
         tile one run of the stream, and the windows add in ``⌈W / b⌉`` strided additions."""
-        full = rows.new_zeros(self.shape)
-        full[:, :, : self.text] = text
+        full = self._zeros(rows, text)
         b = self.b
         first = self.text + self.lo * b + self.window  # stream position of window 0's row 0
         for p in range(-(-rows.shape[3] // b)):
@@ -449,10 +447,16 @@ class _MatmulParts:
     def _scatter(self, rows: torch.Tensor, index: torch.Tensor, text=None) -> torch.Tensor:
         """Rows of a gradient back to their stream positions, (B, S, heads, d); a position
         in several blocks sums its rows. ``text``: the gradient of the text positions."""
-        full = rows.new_zeros(self.shape)
+        return self._zeros(rows, text).index_add_(2, index, rows).transpose(1, 2)
+
+    def _zeros(self, rows: torch.Tensor, text=None, length: int | None = None) -> torch.Tensor:
+        """A gradient buffer ``(B, heads, length, d)`` (default: the stream's ``S``) in
+        ``rows``' dtype: zeros, the text positions' gradient ``text`` first if given."""
+        batch, heads, size, dim = self.shape
+        full = rows.new_zeros(batch, heads, length or size, dim)
         if text is not None:
             full[:, :, : self.text] = text
-        return full.index_add_(2, index, rows).transpose(1, 2)
+        return full
 
 
 def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
@@ -480,17 +484,17 @@ def _padded(x: torch.Tensor, first: int, end: int) -> torch.Tensor:
     return out
 
 
-def _windows_of(x: torch.Tensor, start: int, blocks: int, step: int, width: int) -> torch.Tensor:
-    """``(B, heads, blocks, width, d)``: block ``j`` holds rows ``start + j · step`` … of
-    ``x`` ``(B, heads, ·, d)``; the windows overlap, so this is a copy (a strided one: each
-    window is ``width`` consecutive rows, so the copy runs in long contiguous pieces)."""
+def _runs(x: torch.Tensor, start: int, count: int, step: int, width: int) -> torch.Tensor:
+    """A view ``(B, heads, count, width, d)`` of ``x`` ``(B, heads, ·, d)``: run ``j`` is
+    rows ``start + j · step`` … ``start + j · step + width - 1`` (runs overlap when
+    ``width > step``: a copy of them is a block's windows, each ``width`` consecutive rows,
+    so it copies in long contiguous pieces)."""
     st = x.stride()
-    view = x.as_strided(
-        (*x.shape[:2], blocks, width, x.shape[3]),
+    return x.as_strided(
+        (*x.shape[:2], count, width, x.shape[3]),
         (st[0], st[1], step * st[2], st[2], st[3]),
         x.storage_offset() + start * st[2],
     )
-    return view.contiguous()
 
 
 def _add_every(full: torch.Tensor, rows: torch.Tensor, start: int, step: int, low: int) -> None:
@@ -503,12 +507,7 @@ def _add_every(full: torch.Tensor, rows: torch.Tensor, start: int, step: int, lo
     inside_lo = max(0, -((start - low) // step))  # first j with start + j · step >= low
     inside_hi = min(blocks, (size - w - start) // step + 1)  # past the last j ending <= S
     if inside_hi > inside_lo:
-        st = full.stride()
-        target = full.as_strided(
-            (*full.shape[:2], inside_hi - inside_lo, w, full.shape[3]),
-            (st[0], st[1], step * st[2], st[2], st[3]),
-            full.storage_offset() + (start + inside_lo * step) * st[2],
-        )
+        target = _runs(full, start + inside_lo * step, inside_hi - inside_lo, step, w)
         target += rows[:, :, inside_lo:inside_hi]
     touching_lo = max(0, (low - w - start) // step + 1)  # first j whose rows reach low
     touching_hi = min(blocks, -((start - size) // step))  # past the last j starting < S

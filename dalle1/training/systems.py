@@ -64,7 +64,7 @@ class StageModule(L.LightningModule):
             lr=t.lr,
             weight_decay=t.weight_decay,
             betas=(0.9, 0.96),
-            **({"fused": True} if fused_adamw(t, params) else {}),
+            fused=fused_adamw(t, params) or None,  # None: torch's default kernel
         )
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
