@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -421,18 +421,50 @@ def logits(w: DecodeWeights, x: torch.Tensor) -> torch.Tensor:
 
 
 SERIAL_ROWS = 32  # a CPU step over fewer rows than this runs on one thread (decode_threads)
+SPINNING_SERIAL_ROWS = 4  # the same, where OpenMP's idle threads spin long (openmp_spins_long)
+LONG_SPIN = 10_000  # a GOMP_SPINCOUNT from this on keeps a thread awake between two products
 
 
-def decode_threads(rows: int, device: torch.device) -> int:
+def openmp_spins_long(env: Mapping[str, str] | None = None) -> bool:
+    """Whether idle OpenMP threads busy-wait long between parallel regions.
+
+    GNU OpenMP's rule: a readable ``GOMP_SPINCOUNT`` sets the spin (long from
+    :data:`LONG_SPIN` on, or ``infinity``); else ``OMP_WAIT_POLICY=ACTIVE`` spins for
+    minutes and ``PASSIVE`` not at all; with neither set (a process that imported torch
+    before dalle1) it spins 300,000 times, a few milliseconds. The runtime reads these
+    once, when torch loads it; the environment is read here as the record of that.
+    """
+    env = os.environ if env is None else env
+    count = env.get("GOMP_SPINCOUNT", "").strip().lower()
+    if count in ("infinite", "infinity"):
+        return True
+    try:
+        return int(count) >= LONG_SPIN
+    except ValueError:  # unset or unreadable: libgomp goes by the policy
+        return env.get("OMP_WAIT_POLICY", "").strip().upper() != "PASSIVE"
+
+
+def decode_threads(rows: int, device: torch.device, env: Mapping[str, str] | None = None) -> int:
     """Intra-op threads for the cached steps of ``rows`` batch rows.
 
-    Fewer than :data:`SERIAL_ROWS` rows on a CPU: one. A step then is a few hundred small
-    operations (a matrix product of 1-16 rows by a 256-wide layer costs tens of
-    microseconds), too small to split: on the shared 2-core machine the second thread
-    doubled the process CPU time for no shorter wall time, and under load lengthened it
-    (batch 8: 435 vs 315 tokens/s, docs/benchmarks.md). Otherwise torch's setting.
+    A step is a few hundred small operations (a matrix product of 1-16 rows by a
+    256-wide layer costs tens to a hundred microseconds). Whether a second thread pays
+    for that size depends on what the thread does between two of them:
+
+    * it sleeps soon (``OMP_WAIT_POLICY=PASSIVE``, or the short spin dalle1 sets before
+      torch loads, ``GOMP_SPINCOUNT=1000``): waking it costs about what it saves. Fewer
+      than :data:`SERIAL_ROWS` rows run on one thread: on the shared 2-core machine the
+      second thread doubled the process CPU time for no shorter wall time, and under load
+      lengthened it (batch 8: 435 vs 315 tokens/s, docs/benchmarks.md);
+    * it spins long (:func:`openmp_spins_long`): it is awake for the next product and
+      burns its core either way, so from :data:`SPINNING_SERIAL_ROWS` rows on the step
+      uses every thread (batch 8: a generation 1.2 -> 1.0 s at grid 16, 6.7 -> 5.4 s at
+      grid 32; batch 1 and 2 no faster, so they stay on one).
+
+    Elsewhere (CUDA) torch's setting.
     """
-    if device.type != "cpu" or rows >= SERIAL_ROWS:
+    serial = SPINNING_SERIAL_ROWS if openmp_spins_long(env) else SERIAL_ROWS
+    if device.type != "cpu" or rows >= serial:
         return torch.get_num_threads()
     return 1
 

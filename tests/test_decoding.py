@@ -11,6 +11,7 @@ from dalle1.config import DALLEConfig
 from dalle1.decoding import (
     PACKED_ROWS,
     SERIAL_ROWS,
+    SPINNING_SERIAL_ROWS,
     Matrix,
     StepRunner,
     attend,
@@ -18,6 +19,7 @@ from dalle1.decoding import (
     decode_threads,
     intra_op_threads,
     key_reads,
+    openmp_spins_long,
     read_threads,
     runs,
     static_step,
@@ -163,8 +165,12 @@ def test_decode_mode_follows_the_argument_then_the_environment(monkeypatch):
 def test_small_cpu_batches_decode_on_one_thread_and_the_setting_comes_back(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     before = torch.get_num_threads()
-    assert decode_threads(1, cpu) == decode_threads(SERIAL_ROWS - 1, cpu) == 1
-    assert decode_threads(SERIAL_ROWS, cpu) == decode_threads(1, cuda) == before
+    short = {"GOMP_SPINCOUNT": "1000"}  # what dalle1 sets before torch loads
+    assert decode_threads(1, cpu, short) == decode_threads(SERIAL_ROWS - 1, cpu, short) == 1
+    assert decode_threads(SERIAL_ROWS, cpu, short) == decode_threads(1, cuda, short) == before
+    spinning = {}  # GNU OpenMP's default: a long spin
+    assert decode_threads(SPINNING_SERIAL_ROWS - 1, cpu, spinning) == 1
+    assert decode_threads(SPINNING_SERIAL_ROWS, cpu, spinning) == before
     m, t = make(ALL_KINDS), text(3)
     seen = []
     step = m.step
@@ -180,6 +186,25 @@ def test_small_cpu_batches_decode_on_one_thread_and_the_setting_comes_back(monke
     with pytest.raises(RuntimeError), intra_op_threads(1):
         raise RuntimeError  # an error inside still restores the count
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(
+    "env, long",
+    [
+        ({}, True),  # libgomp's default: 300,000 spins
+        ({"GOMP_SPINCOUNT": "1000"}, False),
+        ({"GOMP_SPINCOUNT": "300000"}, True),
+        ({"GOMP_SPINCOUNT": "infinity"}, True),
+        ({"GOMP_SPINCOUNT": "lots"}, True),  # unreadable: libgomp keeps its default
+        ({"OMP_WAIT_POLICY": "passive"}, False),
+        ({"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "lots"}, False),
+        ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "300000"}, True),  # the count wins
+        ({"OMP_WAIT_POLICY": "ACTIVE"}, True),
+        ({"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "0"}, False),
+    ],
+)
+def test_the_openmp_wait_policy_is_read_from_the_environment(env, long):
+    assert openmp_spins_long(env) is long
 
 
 def test_decoding_sees_weights_updated_in_place():
