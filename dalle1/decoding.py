@@ -21,8 +21,14 @@ step, as plain tensor functions over the weights the transformer hands it
   weights, and MKL re-packs the matrix into its blocked layout at every call. The step
   then multiplies by a copy packed once into oneDNN's blocked layout (the one
   ``torch.compile`` uses on a CPU), with the feed-forward's GELU fused into the product:
-  1.6× faster at 8 rows (docs/benchmarks.md). One or two rows keep the plain product,
-  which is faster there. :class:`Matrix` holds both forms.
+  1.6× faster at 8 rows (docs/benchmarks.md). One row keeps the plain product, which is
+  faster there.
+* **Two rows read the weights once, as one row does.** Two rows are what guidance
+  decodes for one image (the caption's row and the empty caption's). MKL multiplies two
+  rows by a matrix it streams from memory at about two thirds of the speed of one row,
+  unless the product is turned around: ``(W xᵀ)ᵀ`` with ``W`` ``(out, in)``, each weight
+  row read once against both rows (64 against 92 µs for 256 -> 1024 with the weights out
+  of cache). :class:`Matrix` holds the three forms.
 * **A preallocated cache, written in place.** Keys and values of every layer live in
   ``(B, heads, capacity, dim_head)`` buffers; a step writes one position and reads a
   view, never a concatenation.
@@ -69,9 +75,10 @@ Read = tuple[slice, ...] | torch.Tensor
 
 
 PACKED_ROWS = 3  # from this many rows on, a CPU float32 step multiplies by packed matrices
+WEIGHT_MAJOR_ROWS = 2  # this many rows multiply as (W xᵀ)ᵀ, W (out, in) (Matrix.out_major)
 
 
-# The faster copies cost memory (about 1.3x the matrices again): above this many bytes
+# The faster copies cost memory (about twice the matrices again): above this many bytes
 # of matrices a model decodes from the input-major copy alone.
 PACK_MAX_BYTES = 2 << 30
 
@@ -98,9 +105,9 @@ class Matrix:
 
     ``weight`` is input-major ``(in, out)`` (:func:`input_major`). :meth:`pack` adds, on a
     CPU in float32, ``packed`` (the matrix in oneDNN's blocked layout, for products of
-    :data:`PACKED_ROWS` rows or more) and, for a matrix with more inputs than outputs,
-    ``out_major`` (``(out, in)`` contiguous, for fewer rows). A compiled step
-    (``torch.compile``) uses ``weight`` alone.
+    :data:`PACKED_ROWS` rows or more) and ``out_major`` (``(out, in)`` contiguous: for
+    :data:`WEIGHT_MAJOR_ROWS` rows, and for one row of a matrix with more inputs than
+    outputs). A compiled step (``torch.compile``) uses ``weight`` alone.
     """
 
     weight: torch.Tensor
@@ -110,33 +117,45 @@ class Matrix:
 
     def pack(self) -> Matrix:
         """This matrix with the copies a CPU float32 step multiplies faster (else unchanged):
-        the packed copy, and for a matrix with more inputs than outputs (the feed-forward's
-        second one) an ``(out, in)`` copy, which MKL multiplies one row by about twice as
-        fast as the input-major layout (70 against 136 µs for 1024 -> 256)."""
+        the packed copy, and an ``(out, in)`` copy, which two rows multiply turned around
+        (:data:`WEIGHT_MAJOR_ROWS`) and one row multiplies about twice as fast as the
+        input-major layout when the matrix has more inputs than outputs (the feed-forward's
+        second one: 70 against 136 µs for 1024 -> 256)."""
         w = self.weight
         if w.device.type != "cpu" or w.dtype != torch.float32:
             return self
         out_in = w.t().contiguous()
-        narrow = out_in if w.shape[0] > w.shape[1] else None
-        return Matrix(w, self.bias, reorder(out_in), narrow)
+        return Matrix(w, self.bias, reorder(out_in), out_in)
 
     def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         """x (..., in) -> (..., out)."""
         flat = x.reshape(-1, x.shape[-1])
+        rows, (n_in, n_out) = len(flat), self.weight.shape
         eager = not torch.compiler.is_compiling()  # a compiled step packs by itself
-        if self.packed is not None and eager and len(flat) >= PACKED_ROWS:
+        if self.packed is not None and eager and rows >= PACKED_ROWS:
             # oneDNN's fused GELU is the exact (erf) one, as F.gelu
             act, algorithm = ("gelu", "none") if gelu else ("none", "")
             out = torch.ops.mkldnn._linear_pointwise(
                 flat, self.packed, self.bias, act, [], algorithm
             )
         else:
-            if self.out_major is not None and eager:
+            if self.out_major is not None and eager and rows == WEIGHT_MAJOR_ROWS:
+                out = self._turned_around(flat)
+            elif self.out_major is not None and eager and n_in > n_out:
                 out = F.linear(flat, self.out_major, self.bias)
             else:
                 out = project(flat, self.weight, self.bias)
             out = F.gelu(out) if gelu else out
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out.view(*x.shape[:-1], n_out)
+
+    def _turned_around(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat @ weight (+ bias)`` as ``(W flatᵀ)ᵀ``: each row of ``W`` ``(out, in)`` is
+        read once, against all the rows of ``flat`` at once."""
+        if self.bias is None:
+            out_t = torch.mm(self.out_major, flat.t())
+        else:
+            out_t = torch.addmm(self.bias[:, None], self.out_major, flat.t())
+        return out_t.t().contiguous()
 
     def nbytes(self) -> int:
         """Bytes of the matrix and its bias (the packed copy is the same numbers again)."""

@@ -12,6 +12,7 @@ from dalle1.decoding import (
     PACKED_ROWS,
     SERIAL_ROWS,
     SPINNING_SERIAL_ROWS,
+    WEIGHT_MAJOR_ROWS,
     Matrix,
     StepRunner,
     attend,
@@ -263,16 +264,36 @@ def test_a_packed_matrix_multiplies_as_the_plain_product(rows, gelu):
     assert packed.nbytes() == (64 * 96 + 96) * 4  # the packed copy is not counted twice
 
 
-@pytest.mark.parametrize("rows", [1, 2])
-def test_a_narrow_matrix_keeps_an_out_major_copy_for_few_rows(rows):
+@pytest.mark.parametrize("rows", [1, WEIGHT_MAJOR_ROWS, PACKED_ROWS])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_every_form_of_a_product_equals_the_plain_one(rows, bias, gelu):
+    # one row: input-major (wide) or out-major (narrow); two rows: turned around, (W xᵀ)ᵀ;
+    # three or more: packed. Each form against x @ W + b, wide and narrow matrices alike.
     g = torch.Generator().manual_seed(rows)
-    narrow = Matrix(torch.randn(96, 32, generator=g), torch.randn(32, generator=g)).pack()
-    wide = Matrix(torch.randn(32, 96, generator=g)).pack()
-    assert narrow.out_major is not None and wide.out_major is None
-    assert narrow.out_major.shape == (32, 96) and narrow.out_major.is_contiguous()
-    x = torch.randn(rows, 96, generator=g)
-    expected = x @ narrow.weight + narrow.bias
-    assert (narrow(x) - expected).abs().max() <= 1e-5 * expected.abs().max()
+    for n_in, n_out in ((32, 96), (96, 32)):
+        b = torch.randn(n_out, generator=g) if bias else None
+        m = Matrix(torch.randn(n_in, n_out, generator=g), b).pack()
+        assert m.out_major.shape == (n_out, n_in) and m.out_major.is_contiguous()
+        assert torch.equal(m.out_major, m.weight.t())
+        x = torch.randn(rows, 1, n_in, generator=g)  # (B, n = 1, in), as the step calls it
+        expected = x @ m.weight + (0 if b is None else b)
+        expected = F.gelu(expected) if gelu else expected
+        got = m(x, gelu=gelu)
+        assert got.shape == (rows, 1, n_out) and got.is_contiguous()
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_two_rows_take_the_turned_around_product(monkeypatch):
+    m = Matrix(torch.randn(16, 24), torch.randn(24)).pack()
+    calls = []
+    turned = Matrix._turned_around
+    monkeypatch.setattr(
+        Matrix, "_turned_around", lambda self, f: calls.append(len(f)) or turned(self, f)
+    )
+    for rows in (1, 2, 3, 8):
+        m(torch.randn(rows, 16))
+    assert calls == [WEIGHT_MAJOR_ROWS]
 
 
 def test_packing_applies_to_cpu_float32_only_and_can_be_absent(monkeypatch):
