@@ -78,8 +78,8 @@ PACKED_ROWS = 3  # from this many rows on, a CPU float32 step multiplies by pack
 WEIGHT_MAJOR_ROWS = 2  # this many rows multiply as (W xᵀ)ᵀ, W (out, in) (Matrix.out_major)
 
 
-# The faster copies cost memory (about twice the matrices again): above this many bytes
-# of matrices a model decodes from the input-major copy alone.
+# The faster copies cost memory (the packed one about the matrices again): above this many
+# bytes of matrices a model decodes without it.
 PACK_MAX_BYTES = 2 << 30
 
 
@@ -115,6 +115,14 @@ class Matrix:
     packed: torch.Tensor | None = None
     out_major: torch.Tensor | None = None  # (out, in) contiguous, for few rows of a narrow matrix
 
+    @classmethod
+    def of(cls, out_in: torch.Tensor, bias: torch.Tensor | None = None) -> Matrix:
+        """The matrix of an ``(out, in)`` weight (``nn.Linear``'s layout). On a CPU in
+        float32 that weight itself, not a copy, is kept as ``out_major``."""
+        out_in = out_in.detach()
+        cpu32 = out_in.device.type == "cpu" and out_in.dtype == torch.float32
+        return cls(input_major(out_in), bias, out_major=out_in.contiguous() if cpu32 else None)
+
     def pack(self) -> Matrix:
         """This matrix with the copies a CPU float32 step multiplies faster (else unchanged):
         the packed copy, and an ``(out, in)`` copy, which two rows multiply turned around
@@ -124,7 +132,7 @@ class Matrix:
         w = self.weight
         if w.device.type != "cpu" or w.dtype != torch.float32:
             return self
-        out_in = w.t().contiguous()
+        out_in = self.out_major if self.out_major is not None else w.t().contiguous()
         return Matrix(w, self.bias, reorder(out_in), out_in)
 
     def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:

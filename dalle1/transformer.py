@@ -55,7 +55,6 @@ from .decoding import (
     StepRunner,
     decode_layer,
     decode_mode,
-    input_major,
     key_reads,
     static_step,
     weights_fingerprint,
@@ -99,7 +98,7 @@ def _gain(norm: nn.Module) -> torch.Tensor:
 def _matrix(linear: nn.Linear) -> Matrix:
     """An ``nn.Linear`` as the decode step multiplies it (:class:`dalle1.decoding.Matrix`)."""
     bias = None if linear.bias is None else linear.bias.detach()
-    return Matrix(input_major(linear.weight), bias)
+    return Matrix.of(linear.weight, bias)
 
 
 def dense_attention(dropout_p: float = 0.0, flash: bool = True) -> Attend:
@@ -394,10 +393,8 @@ class DALLE(nn.Module):
             layers = [
                 LayerWeights(
                     norm=_gain(norm),
-                    qkv=Matrix(
-                        input_major(
-                            torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
-                        )
+                    qkv=Matrix.of(
+                        torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
                     ),
                     out=_matrix(attn.to_out),
                     ff_norm=_gain(ff_norm),

@@ -27,7 +27,7 @@ from dalle1.decoding import (
 )
 from dalle1.masks import stream_mask
 from dalle1.sampling import pick, sample_codes
-from dalle1.transformer import DALLE, StreamShape
+from dalle1.transformer import DALLE, StreamShape, _layer_parts
 
 SHAPE = StreamShape(text_vocab=40, text_len=5, image_vocab=24, grid=4, bos_id=1)
 ALL_KINDS = ["dense", "row", "column", "conv"]
@@ -296,6 +296,19 @@ def test_two_rows_take_the_turned_around_product(monkeypatch):
     assert calls == [WEIGHT_MAJOR_ROWS]
 
 
+def test_the_out_major_form_is_the_layers_own_weight_not_a_copy():
+    model = make(["dense", "row"])
+    params = {p.data_ptr() for p in model.parameters()}
+    for layer, (_, attn, _, _ff) in zip(
+        model.decode_weights().layers, map(_layer_parts, model.layers)
+    ):
+        for matrix in (layer.out, layer.ff_in, layer.ff_out):
+            assert matrix.out_major.data_ptr() in params
+            assert torch.equal(matrix.out_major, matrix.weight.t())
+        stacked = torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
+        assert torch.equal(layer.qkv.out_major, stacked)  # one concatenation, kept once
+
+
 def test_packing_applies_to_cpu_float32_only_and_can_be_absent(monkeypatch):
     weight = torch.randn(8, 8)
     double = Matrix(weight.double()).pack()
@@ -322,7 +335,10 @@ def test_a_failing_reorder_or_a_large_model_decodes_unpacked(monkeypatch):
     monkeypatch.setattr(decoding, "PACK_MAX_BYTES", 1000)  # smaller than any model here
     model.reset_parameters()
     w = model.decode_weights()
-    assert all(layer.qkv.packed is None and layer.ff_out.out_major is None for layer in w.layers)
+    assert all(layer.qkv.packed is None for layer in w.layers)
+    # the (out, in) form of a large model costs nothing: it is the layer's own weight
+    params = {p.data_ptr() for p in model.parameters()}
+    assert all(layer.ff_out.out_major.data_ptr() in params for layer in w.layers)
     t = text(4)
     codes = torch.randint(0, 24, (4, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
