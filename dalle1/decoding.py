@@ -13,8 +13,8 @@ step, as plain tensor functions over the weights the transformer hands it
   input-major, ``(in, out)`` contiguous: MKL multiplies one row by that layout faster
   than by ``nn.Linear``'s ``(out, in)`` when the matrix has at least as many outputs as
   inputs (49 against 127 µs for 256 -> 1024); a matrix with more inputs than outputs
-  (the feed-forward's second) keeps an ``(out, in)`` copy as well, which MKL reads
-  faster (70 against 136 µs for 1024 -> 256). Elsewhere the matrices are transposed
+  (the feed-forward's second) is read in the layer's own ``(out, in)`` layout, which MKL
+  reads faster there (70 against 136 µs for 1024 -> 256). Elsewhere the matrices are transposed
   views (cuBLAS reads both layouts alike).
 * **Pre-packed matrices for many rows (CPU, float32).** From :data:`PACKED_ROWS` rows on,
   a product of a few rows by a layer matrix is bound by arithmetic, not by reading the
