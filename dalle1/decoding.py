@@ -13,9 +13,9 @@ step, as plain tensor functions over the weights the transformer hands it
   input-major, ``(in, out)`` contiguous: MKL multiplies one row by that layout faster
   than by ``nn.Linear``'s ``(out, in)`` when the matrix has at least as many outputs as
   inputs (49 against 127 µs for 256 -> 1024); a matrix with more inputs than outputs
-  (the feed-forward's second) is read in the layer's own ``(out, in)`` layout, which MKL
-  reads faster there (70 against 136 µs for 1024 -> 256). Elsewhere the matrices are transposed
-  views (cuBLAS reads both layouts alike).
+  (the feed-forward's second) is read in the layer's own ``(out, in)`` layout, which
+  MKL reads faster there (70 against 136 µs for 1024 -> 256). Elsewhere the matrices are
+  transposed views (cuBLAS reads both layouts alike).
 * **Pre-packed matrices for many rows (CPU, float32).** From :data:`PACKED_ROWS` rows on,
   a product of a few rows by a layer matrix is bound by arithmetic, not by reading the
   weights, and MKL re-packs the matrix into its blocked layout at every call. The step
@@ -103,17 +103,18 @@ def reorder(out_in: torch.Tensor) -> torch.Tensor | None:
 class Matrix:
     """One matrix of the step, ``x @ weight (+ bias)``, optionally GELU after.
 
-    ``weight`` is input-major ``(in, out)`` (:func:`input_major`). :meth:`pack` adds, on a
-    CPU in float32, ``packed`` (the matrix in oneDNN's blocked layout, for products of
-    :data:`PACKED_ROWS` rows or more) and ``out_major`` (``(out, in)`` contiguous: for
-    :data:`WEIGHT_MAJOR_ROWS` rows, and for one row of a matrix with more inputs than
-    outputs). A compiled step (``torch.compile``) uses ``weight`` alone.
+    ``weight`` is input-major ``(in, out)`` (:func:`input_major`). On a CPU in float32,
+    ``out_major`` is the ``(out, in)`` form (kept by :meth:`of`, else made by :meth:`pack`),
+    for :data:`WEIGHT_MAJOR_ROWS` rows and for one row of a matrix with more inputs than
+    outputs; :meth:`pack` adds ``packed`` (the matrix in oneDNN's blocked layout, for
+    products of :data:`PACKED_ROWS` rows or more). A compiled step (``torch.compile``)
+    uses ``weight`` alone.
     """
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
     packed: torch.Tensor | None = None
-    out_major: torch.Tensor | None = None  # (out, in) contiguous, for few rows of a narrow matrix
+    out_major: torch.Tensor | None = None  # (out, in) contiguous (CPU float32 only)
 
     @classmethod
     def of(cls, out_in: torch.Tensor, bias: torch.Tensor | None = None) -> Matrix:
@@ -124,11 +125,12 @@ class Matrix:
         return cls(input_major(out_in), bias, out_major=out_in.contiguous() if cpu32 else None)
 
     def pack(self) -> Matrix:
-        """This matrix with the copies a CPU float32 step multiplies faster (else unchanged):
-        the packed copy, and an ``(out, in)`` copy, which two rows multiply turned around
-        (:data:`WEIGHT_MAJOR_ROWS`) and one row multiplies about twice as fast as the
-        input-major layout when the matrix has more inputs than outputs (the feed-forward's
-        second one: 70 against 136 µs for 1024 -> 256)."""
+        """This matrix with the forms a CPU float32 step multiplies faster (else unchanged):
+        the packed copy, and the ``(out, in)`` form (a copy unless :meth:`of` kept the
+        layer's weight), which two rows multiply turned around (:data:`WEIGHT_MAJOR_ROWS`)
+        and one row multiplies about twice as fast as the input-major layout when the
+        matrix has more inputs than outputs (the feed-forward's second one: 70 against
+        136 µs for 1024 -> 256)."""
         w = self.weight
         if w.device.type != "cpu" or w.dtype != torch.float32:
             return self
@@ -147,9 +149,10 @@ class Matrix:
                 flat, self.packed, self.bias, act, [], algorithm
             )
         else:
-            if self.out_major is not None and eager and rows == WEIGHT_MAJOR_ROWS:
+            out_major = self.out_major is not None and eager
+            if out_major and rows == WEIGHT_MAJOR_ROWS:
                 out = self._turned_around(flat)
-            elif self.out_major is not None and eager and n_in > n_out:
+            elif out_major and n_in > n_out:
                 out = F.linear(flat, self.out_major, self.bias)
             else:
                 out = project(flat, self.weight, self.bias)
