@@ -23,6 +23,14 @@ IMAGE_VOCAB = 1024
 TEXT_VOCAB = 1024 + TEXT_LEN  # BPE tokens + one pad per text position
 
 
+def openmp_env() -> dict[str, str | None]:
+    """The OpenMP wait settings this process started with: they decide how long an idle
+    thread spins before it sleeps, which moves wall times (and the dense ÷ sparse ratio
+    of training, docs/benchmarks.md) by several percent. ``GOMP_SPINCOUNT`` overrides
+    ``OMP_WAIT_POLICY`` when both are set."""
+    return {name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+
+
 def setup(device: str, threads: int) -> torch.device:
     """Pin CPU threads (2 by default: the shared 2-core machines these figures are for)."""
     if device == "cuda" and not torch.cuda.is_available():

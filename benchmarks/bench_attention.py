@@ -3,6 +3,7 @@
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attention.py            # ~8 min, 2 busy cores
     python benchmarks/bench_attention.py --precision bf16-mixed --memory     # bf16 autocast, no RSS runs
     python benchmarks/bench_attention.py --speed 16x8 --memory 16 --steps 3  # a quick look
+    GOMP_SPINCOUNT=10000 python benchmarks/bench_attention.py --precision bf16-mixed  # long spin
 
 The model is the side-by-side comparison's shape: dim 256, depth 6, 8 heads × 32, ff ×4,
 text length 32 (1000 BPE tokens + 32 pads), image vocabulary 1024, random weights;
@@ -23,6 +24,13 @@ for the sparse layers; the fused kernel for dense layers this long, ``PLAIN_DENS
 * **layer memory**: what one attention layer keeps for its backward pass (bytes of the
   distinct tensors autograd saves, counted with ``saved_tensors_hooks``) per kind and
   grid, and per image code: a constant per code is linear growth.
+
+Threads: ``OMP_WAIT_POLICY=PASSIVE`` (the default here) puts an idle OpenMP thread to
+sleep at once, so each of the sparse step's many small operations wakes it again;
+``GOMP_SPINCOUNT`` (which wins over the policy) keeps it spinning that long instead.
+The sparse step, with about twice dense's operations per second of work, loses more to
+the waking: its ratio to dense is a few percent higher with a long spin
+(docs/benchmarks.md). The report records both settings (``openmp``).
 
 Prints one JSON document.
 """
@@ -47,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _common import openmp_env  # noqa: E402
 
 from dalle1.config import DALLEConfig, TrainConfig  # noqa: E402
 from dalle1.training.systems import fused_adamw, set_flash_attention  # noqa: E402
@@ -227,6 +236,7 @@ def main() -> None:
         "precision": args.precision,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
+        "openmp": openmp_env(),
         "model": {**MODEL, "text_len": TEXT_LEN, "text_bpe": TEXT_BPE, "image_vocab": IMAGE_VOCAB},
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
         "speed": [],

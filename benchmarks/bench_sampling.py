@@ -55,6 +55,7 @@ from _common import (  # noqa: E402
     build_model,
     median,
     model_info,
+    openmp_env,
     setup,
     timed,
 )
@@ -252,6 +253,7 @@ def main() -> None:
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "load_average": os.getloadavg(),
+        "openmp": openmp_env(),
         "model": model_info(" | ".join(args.attention)),
         "weights_dtype": str(dtype).removeprefix("torch."),
         "decode": args.decode or os.environ.get("DALLE1_DECODE") or "auto",

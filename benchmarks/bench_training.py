@@ -37,6 +37,7 @@ from _common import (  # noqa: E402
     build_model,
     median,
     model_info,
+    openmp_env,
     setup,
     timed,
 )
@@ -90,6 +91,7 @@ def main() -> None:
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
+        "openmp": openmp_env(),
         "model": model_info(args.attention),
         "parameters": sum(p.numel() for p in model.parameters()),
         "grid": args.grid,
