@@ -481,15 +481,16 @@ def decode_threads(rows: int, device: torch.device, env: Mapping[str, str] | Non
     256-wide layer costs tens to a hundred microseconds). Whether a second thread pays
     for that size depends on what the thread does between two of them:
 
-    * it sleeps soon (``OMP_WAIT_POLICY=PASSIVE``, or the short spin dalle1 sets before
-      torch loads, ``GOMP_SPINCOUNT=1000``): waking it costs about what it saves. Fewer
+    * it sleeps soon (``OMP_WAIT_POLICY=PASSIVE``, or a short spin such as
+      ``GOMP_SPINCOUNT=1000``): waking it costs about what it saves. Fewer
       than :data:`SERIAL_ROWS` rows run on one thread: on the shared 2-core machine the
       second thread doubled the process CPU time for no shorter wall time, and under load
       lengthened it (batch 8: 435 vs 315 tokens/s, docs/benchmarks.md);
-    * it spins long (:func:`openmp_spins_long`): it is awake for the next product and
-      burns its core either way, so from :data:`SPINNING_SERIAL_ROWS` rows on the step
-      uses every thread (batch 8: a generation 1.2 -> 1.0 s at grid 16, 6.7 -> 5.4 s at
-      grid 32; batch 1 and 2 no faster, so they stay on one).
+    * it spins long (:func:`openmp_spins_long`; the 10,000 spins dalle1 sets before torch
+      loads, or libgomp's own default): it is awake for the next product and burns its
+      core either way, so from :data:`SPINNING_SERIAL_ROWS` rows on the step uses every
+      thread (batch 8: a generation 1.2 -> 0.9 s at grid 16, 7.3 -> 5.9 s at grid 32;
+      batch 1 and 2 no faster, so they stay on one).
 
     Elsewhere (CUDA) torch's setting.
     """

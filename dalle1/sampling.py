@@ -29,8 +29,9 @@ before guidance, filtering and sampling.
 
 Speed: the step is :meth:`DALLE.step` (:mod:`dalle1.decoding`); ``decode=`` picks its
 form (eager, compiled, CUDA graph; default ``$DALLE1_DECODE`` or ``auto``). On a CPU a
-cached loop over fewer than 32 rows runs on one thread (4 where OpenMP's idle threads spin
-long; :func:`dalle1.decoding.decode_threads`), except for reads of a MB or more of keys and
+cached loop over fewer than 4 rows runs on one thread where OpenMP's idle threads spin
+(dalle1's default), over fewer than 32 where they sleep at once
+(:func:`dalle1.decoding.decode_threads`), except for reads of a MB or more of keys and
 values (:func:`dalle1.decoding.read_threads`).
 """
 

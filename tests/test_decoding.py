@@ -166,7 +166,7 @@ def test_decode_mode_follows_the_argument_then_the_environment(monkeypatch):
 def test_small_cpu_batches_decode_on_one_thread_and_the_setting_comes_back(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     before = torch.get_num_threads()
-    short = {"GOMP_SPINCOUNT": "1000"}  # what dalle1 sets before torch loads
+    short = {"GOMP_SPINCOUNT": "1000"}  # a short spin (dalle1 sets 10,000, a long one)
     assert decode_threads(1, cpu, short) == decode_threads(SERIAL_ROWS - 1, cpu, short) == 1
     assert decode_threads(SERIAL_ROWS, cpu, short) == decode_threads(1, cuda, short) == before
     spinning = {}  # GNU OpenMP's default: a long spin
@@ -194,6 +194,7 @@ def test_small_cpu_batches_decode_on_one_thread_and_the_setting_comes_back(monke
     [
         ({}, True),  # libgomp's default: 300,000 spins
         ({"GOMP_SPINCOUNT": "1000"}, False),
+        ({"GOMP_SPINCOUNT": "10000"}, True),  # what dalle1 sets before torch loads
         ({"GOMP_SPINCOUNT": "300000"}, True),
         ({"GOMP_SPINCOUNT": "infinity"}, True),
         ({"GOMP_SPINCOUNT": "lots"}, True),  # unreadable: libgomp keeps its default

@@ -517,7 +517,7 @@ def test_device_auto_is_the_default():
 @pytest.mark.parametrize(
     "given, expect",
     [
-        ({}, "None 1000"),  # nothing chosen: a short spin
+        ({}, "None 10000"),  # nothing chosen: a tenth of a millisecond
         ({"OMP_WAIT_POLICY": "PASSIVE"}, "PASSIVE None"),  # the user's policy stands alone
         ({"GOMP_SPINCOUNT": "50"}, "None 50"),
     ],
