@@ -1,9 +1,9 @@
 """Training with DALL-E's sparse masks vs dense attention: speed and memory, one run.
 
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attention.py            # ~8 min, 2 busy cores
+    python benchmarks/bench_attention.py                                     # ~8 min, 2 busy cores
     python benchmarks/bench_attention.py --precision bf16-mixed --memory     # bf16 autocast, no RSS runs
     python benchmarks/bench_attention.py --speed 16x8 --memory 16 --steps 3  # a quick look
-    GOMP_SPINCOUNT=10000 python benchmarks/bench_attention.py --precision bf16-mixed  # long spin
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attention.py --precision bf16-mixed  # no spin
 
 The model is the side-by-side comparison's shape: dim 256, depth 6, 8 heads × 32, ff ×4,
 text length 32 (1000 BPE tokens + 32 pads), image vocabulary 1024, random weights;
@@ -25,12 +25,13 @@ for the sparse layers; the fused kernel for dense layers this long, ``PLAIN_DENS
   distinct tensors autograd saves, counted with ``saved_tensors_hooks``) per kind and
   grid, and per image code: a constant per code is linear growth.
 
-Threads: ``OMP_WAIT_POLICY=PASSIVE`` (the default here) puts an idle OpenMP thread to
-sleep at once, so each of the sparse step's many small operations wakes it again;
-``GOMP_SPINCOUNT`` (which wins over the policy) keeps it spinning that long instead.
-The sparse step, with about twice dense's operations per second of work, loses more to
-the waking: its ratio to dense is a few percent higher with a long spin
-(docs/benchmarks.md). The report records both settings (``openmp``).
+Threads: as the trainer runs them. dalle1 is imported before torch, so OpenMP gets the
+spin ``import dalle1`` sets (``GOMP_SPINCOUNT=10000``) unless the environment names a
+policy or a count. ``OMP_WAIT_POLICY=PASSIVE`` puts an idle thread to sleep at once, so
+each of the sparse step's many small operations wakes it again: the sparse step, with
+about twice dense's operations per second of work, loses more to the waking, and its
+ratio to dense is a few percent lower (docs/benchmarks.md). The report records the
+settings the process started with (``openmp``).
 
 Prints one JSON document.
 """
@@ -38,24 +39,24 @@ Prints one JSON document.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must precede the first torch import
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import dalle1  # noqa: E402, F401  (before torch: its OpenMP spin, as in training)
+
+OPENMP = {name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 from unittest import mock  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import openmp_env  # noqa: E402
 
 from dalle1.config import DALLEConfig, TrainConfig  # noqa: E402
 from dalle1.training.systems import fused_adamw, set_flash_attention  # noqa: E402
@@ -236,7 +237,7 @@ def main() -> None:
         "precision": args.precision,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
-        "openmp": openmp_env(),
+        "openmp": OPENMP,  # as the process started (GOMP_SPINCOUNT wins over the policy)
         "model": {**MODEL, "text_len": TEXT_LEN, "text_bpe": TEXT_BPE, "image_vocab": IMAGE_VOCAB},
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
         "speed": [],
