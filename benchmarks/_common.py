@@ -1,15 +1,16 @@
-"""Shared set-up for the benchmark scripts: thread settings, the fixed model, memory, timing."""
+"""Shared set-up for the benchmark scripts: thread settings, the fixed model, memory, timing.
+
+Each script chooses its OpenMP wait policy itself, before its first torch import (the
+runtime reads it once); importing this module sets none, so it records what the script
+chose (:func:`openmp_env`)."""
 
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # scripts also set it before any import
-
-import re  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
+import re
+import statistics
+import time
+from collections.abc import Callable
 
 import torch  # noqa: E402
 

@@ -45,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import dalle1  # noqa: E402, F401  (before torch: its OpenMP spin, as in training)
 
-OPENMP = {name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+# isort: split
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -57,6 +57,7 @@ from unittest import mock  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _common import openmp_env  # noqa: E402
 
 from dalle1.config import DALLEConfig, TrainConfig  # noqa: E402
 from dalle1.training.systems import fused_adamw, set_flash_attention  # noqa: E402
@@ -237,7 +238,7 @@ def main() -> None:
         "precision": args.precision,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
-        "openmp": OPENMP,  # as the process started (GOMP_SPINCOUNT wins over the policy)
+        "openmp": openmp_env(),
         "model": {**MODEL, "text_len": TEXT_LEN, "text_bpe": TEXT_BPE, "image_vocab": IMAGE_VOCAB},
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
         "speed": [],
