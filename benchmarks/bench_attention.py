@@ -1,6 +1,7 @@
 """Training with DALL-E's sparse masks vs dense attention: speed and memory, one run.
 
     python benchmarks/bench_attention.py                                     # ~8 min, 2 busy cores
+    python benchmarks/bench_attention.py --precision 32-true                 # float32 on any CPU
     python benchmarks/bench_attention.py --precision bf16-mixed --memory     # bf16 autocast, no RSS runs
     python benchmarks/bench_attention.py --speed 16x8 --memory 16 --steps 3  # a quick look
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_attention.py --precision bf16-mixed  # no spin
@@ -9,7 +10,10 @@ The model is the side-by-side comparison's shape: dim 256, depth 6, 8 heads × 3
 text length 32 (1000 BPE tokens + 32 pads), image vocabulary 1024, random weights;
 ``dalle`` is the paper's schedule (row, column, row, row, row, conv 11×11). AdamW is
 the trainer's (fused into one kernel, :func:`dalle1.training.systems.fused_adamw`).
-``--precision bf16-mixed`` runs every step under CPU bf16 autocast with the attention
+``--precision`` is the trainer's: ``auto`` (the default, as ``train.precision``) is
+bf16 autocast on a CPU with bf16 instructions (this model is 256 wide) and float32 on
+others (:mod:`dalle1.training.precision`; the report gives the one it ran).
+``bf16-mixed`` runs every step under CPU bf16 autocast with the attention
 kernels the trainer picks for it (``set_flash_attention(model, False)``: matmul blocks
 for the sparse layers; the fused kernel for dense layers this long, ``PLAIN_DENSE_MAX``).
 
@@ -60,6 +64,7 @@ import torch.nn.functional as F  # noqa: E402
 from _common import openmp_env  # noqa: E402
 
 from dalle1.config import DALLEConfig, TrainConfig  # noqa: E402
+from dalle1.training.precision import choose_precision, native_bf16  # noqa: E402
 from dalle1.training.systems import fused_adamw, set_flash_attention  # noqa: E402
 from dalle1.transformer import DALLE, StreamShape  # noqa: E402
 
@@ -222,10 +227,13 @@ def main() -> None:
     ap.add_argument("--memory-batch", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per attention")
-    ap.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
+    ap.add_argument("--precision", choices=["auto", "32-true", "bf16-mixed"], default="auto")
     ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    args.precision = choose_precision(
+        args.precision, "dalle", MODEL["dim"], "cpu", native_bf16("cpu")
+    )
     if args.memory_worker:
         attention, grid, batch, steps = args.memory_worker.split(",")
         print(

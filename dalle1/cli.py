@@ -881,6 +881,9 @@ def run_plan(args: argparse.Namespace) -> None:
     t = config.train
     devices = t.devices if isinstance(t.devices, int) and t.devices > 0 else 1
     strategy = args.strategy or ("fsdp" if t.strategy == "fsdp" else "ddp")
+    precision = args.precision or t.precision
+    if precision == "auto":  # every GPU in GPUS has bf16, which auto trains in there
+        precision = "bf16-mixed"
     plans = [
         plan(
             config,
@@ -888,7 +891,7 @@ def run_plan(args: argparse.Namespace) -> None:
                 gpus=gpus,
                 gpu=args.gpu,
                 strategy=strategy,
-                precision=args.precision or t.precision,
+                precision=precision,
                 micro_batch=args.micro_batch,
                 global_batch=args.global_batch,
                 checkpointing=t.activation_checkpointing,

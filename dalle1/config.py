@@ -147,7 +147,9 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each transformer layer in backward
     # peak FLOP/s of one device for the MFU in the log; 0 = A100/H100/H200 datasheet, else measured
     peak_flops: float = 0.0
-    precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
+    # auto (bf16-mixed where it trains faster: dalle1/training/precision.py) | 32-true |
+    # bf16-mixed | 16-mixed
+    precision: str = "auto"
     accumulate_grad_batches: int = 1
     log_every: int = 10
     ckpt_every: int = 200  # steps between Lightning checkpoints (for --resume)

@@ -64,6 +64,7 @@ ORDER: dict[str, tuple[int, ...]] = {
     "": (16, 9),  # the face, dalle1/__init__.py
     "training.resilience": (17, 1),
     "training.sharding": (17, 1),
+    "training.precision": (17, 1),
     "training.systems": (17, 2),
     "training.datamodule": (17, 2),
     "training.throughput": (17, 2),

@@ -146,3 +146,15 @@ def test_plan_command_prints_the_paper_shape_for_8_and_64_gpus(capsys):
     (figures,) = json.loads(capsys.readouterr().out)
     assert figures["parameters"]["total"] == 12_292_329_344
     assert figures["gpu"]["name"].startswith("NVIDIA H200")
+
+
+def test_plan_reads_precision_auto_as_bf16_on_the_datasheet_gpus(capsys):
+    """Every GPU ``dalle1 plan`` knows has bf16, which ``train.precision: auto`` trains in."""
+    args = ["plan", "--config", "configs/paper_dalle.yaml", "--gpus", "8", "--json"]
+    plans = {}
+    for precision in ("auto", "bf16-mixed", "32-true"):
+        assert main([*args, f"train.precision={precision}"]) == 0
+        (figures,) = json.loads(capsys.readouterr().out)
+        figures.pop("meta_build_s")  # the one timing in the report
+        plans[precision] = figures
+    assert plans["auto"] == plans["bf16-mixed"] != plans["32-true"]

@@ -50,6 +50,7 @@ from ..recommend import Recommended, choose, options_from_dict, save_recommended
 from ..text import TextTokenizer, auto_text_len
 from ..transformer import StreamShape
 from .datamodule import CodesDataModule, ImagesDataModule
+from .precision import AUTO, resolve_precision
 from .resilience import (
     AtomicCheckpointIO,
     DataReportCallback,
@@ -91,7 +92,12 @@ def fit(
     writable folder, not one holding an earlier run (``resume`` continues that run,
     ``overwrite`` deletes it first), and Lightning accepts the trainer settings. A run that
     trains nothing or ends with NaN/Inf weights raises instead of exporting.
+    ``train.precision: auto`` is resolved first (:mod:`dalle1.training.precision`).
     """
+    if config.train.precision == AUTO:
+        config = resolve_precision(config)
+        if is_primary_process():
+            print(f"dalle1: train.precision auto -> {config.train.precision}", flush=True)
     t = config.train
     out = prepare_out_dir(config, resume, overwrite)
     check_trainer_settings(config, trainer_strategy(config.train))
