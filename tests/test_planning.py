@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dalle1 import planning
 from dalle1.cli import main
 from dalle1.config import DALLEConfig, load_config
 from dalle1.planning import (
@@ -158,3 +159,20 @@ def test_plan_reads_precision_auto_as_bf16_on_the_datasheet_gpus(capsys):
         figures.pop("meta_build_s")  # the one timing in the report
         plans[precision] = figures
     assert plans["auto"] == plans["bf16-mixed"] != plans["32-true"]
+
+
+@pytest.mark.parametrize(
+    ("bf16_rate", "precision", "expected"),
+    [
+        (1e9, "bf16-mixed", (4e9, "measured (cpu, torch.float32)")),  # no bf16 instructions
+        (9e9, "bf16-mixed", (9e9, "measured (cpu, torch.bfloat16)")),  # AMX / AVX512-BF16
+        (9e9, "32-true", (4e9, "measured (cpu, torch.float32)")),  # float32 training
+    ],
+)
+def test_measured_peak_is_the_faster_matmul_rate_under_bf16(
+    monkeypatch, bf16_rate, precision, expected
+):
+    # MFU divides by this peak: a bf16 rate a CPU only emulates would put MFU above 1
+    rates = {torch.bfloat16: bf16_rate, torch.float32: 4e9}
+    monkeypatch.setattr(planning, "measure_matmul_flops", lambda device, dtype: rates[dtype])
+    assert planning.device_peak_flops(torch.device("cpu"), precision) == expected
