@@ -431,8 +431,9 @@ def device_peak_flops(device: torch.device, precision: str) -> tuple[float, str]
             if key in name:
                 return (gpu.bf16_flops if low_precision(precision) else gpu.fp32_flops), gpu.name
     dtypes = [torch.bfloat16, torch.float32] if low_precision(precision) else [torch.float32]
-    rate, dtype = max(((measure_matmul_flops(device, d), d) for d in dtypes), key=lambda r: r[0])
-    return rate, f"measured ({device.type}, {dtype})"
+    rates = {dtype: measure_matmul_flops(device, dtype) for dtype in dtypes}
+    fastest = max(rates, key=rates.get)
+    return rates[fastest], f"measured ({device.type}, {fastest})"
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:
