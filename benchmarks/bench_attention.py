@@ -29,6 +29,10 @@ for the sparse layers; the fused kernel for dense layers this long, ``PLAIN_DENS
   distinct tensors autograd saves, counted with ``saved_tensors_hooks``) per kind and
   grid, and per image code: a constant per code is linear growth.
 
+Allocator: as the trainer sets it (``train.keep_freed_memory``,
+:mod:`dalle1.training.allocator`): glibc keeps freed memory for the next step instead of
+faulting it in again; ``--allocator glibc`` times glibc's default.
+
 Threads: as the trainer runs them. dalle1 is imported before torch, so OpenMP gets the
 spin ``import dalle1`` sets (``GOMP_SPINCOUNT=10000``) unless the environment names a
 policy or a count. ``OMP_WAIT_POLICY=PASSIVE`` puts an idle thread to sleep at once, so
@@ -64,6 +68,7 @@ import torch.nn.functional as F  # noqa: E402
 from _common import openmp_env  # noqa: E402
 
 from dalle1.config import DALLEConfig, TrainConfig  # noqa: E402
+from dalle1.training.allocator import keep_freed_memory  # noqa: E402
 from dalle1.training.precision import choose_precision, native_bf16  # noqa: E402
 from dalle1.training.systems import fused_adamw, set_flash_attention  # noqa: E402
 from dalle1.transformer import DALLE, StreamShape  # noqa: E402
@@ -228,9 +233,17 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per attention")
     ap.add_argument("--precision", choices=["auto", "32-true", "bf16-mixed"], default="auto")
+    ap.add_argument(
+        "--allocator",
+        choices=["keep", "glibc"],
+        default="keep",
+        help="keep: freed memory stays for the next step, as the trainer sets it "
+        "(dalle1.training.allocator; the memory runs set their own); glibc: its default",
+    )
     ap.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    kept = keep_freed_memory() if args.allocator == "keep" else None
     args.precision = choose_precision(
         args.precision, "dalle", MODEL["dim"], "cpu", native_bf16("cpu")
     )
@@ -247,6 +260,7 @@ def main() -> None:
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "openmp": openmp_env(),
+        "mmap_threshold": kept,
         "model": {**MODEL, "text_len": TEXT_LEN, "text_bpe": TEXT_BPE, "image_vocab": IMAGE_VOCAB},
         "load_avg_start": [round(x, 2) for x in os.getloadavg()],
         "speed": [],

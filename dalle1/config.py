@@ -157,6 +157,8 @@ class TrainConfig:
     val_every: int = 100  # steps between held-out validation passes (logged, printed); 0 = off
     val_batches: int = 16  # batches of held-out data per validation pass
     threads: int = 0  # torch.set_num_threads; 0 = leave torch's default
+    # let glibc keep freed memory for the next step (dalle1/training/allocator.py)
+    keep_freed_memory: bool = True
     progress_bar: bool = True
     nan_policy: str = "stop"  # NaN/Inf loss: stop (error naming the step) | skip (drop the batch)
     max_model_gb: float = 16.0  # refuse configs whose model is estimated bigger (raise on purpose)

@@ -49,6 +49,7 @@ from ..files import atomic_write, recover_folder, remove_stale_temporaries
 from ..recommend import Recommended, choose, options_from_dict, save_recommended
 from ..text import TextTokenizer, auto_text_len
 from ..transformer import StreamShape
+from .allocator import keep_freed_memory
 from .datamodule import CodesDataModule, ImagesDataModule
 from .precision import AUTO, resolve_precision
 from .resilience import (
@@ -103,6 +104,8 @@ def fit(
     check_trainer_settings(config, trainer_strategy(config.train))
     if t.threads:
         torch.set_num_threads(t.threads)
+    if t.keep_freed_memory:
+        keep_freed_memory()  # no page faults on each step's large tensors
     L.seed_everything(t.seed, workers=True, verbose=False)
     config.save_json(out / "config.json")
     remove_stale_temporaries(out / "checkpoints")  # half-written files of a killed run
