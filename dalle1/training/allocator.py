@@ -34,7 +34,12 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 THRESHOLDS = (1 << 30, 32 << 20)
 # Free memory at the top of the heap beyond this much is returned to the kernel.
 TRIM_THRESHOLD = 1 << 30
-TUNABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+TUNABLES = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_MMAP_MAX_",
+)
 
 
 def _glibc() -> ctypes.CDLL | None:
