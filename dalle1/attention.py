@@ -236,20 +236,71 @@ class _MatmulBlocks(torch.autograd.Function):
     small blocks (docs/benchmarks.md)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: BlockPlan, lo: int, hi: int) -> torch.Tensor:
-        """-> ``((hi - lo) · b, B, heads · d)``, slot-major: the layout the output
-        projection reads, so that the tensor it keeps is this one, not a second copy."""
+    def forward(ctx, q, k, v, plan: BlockPlan, lo: int, hi: int, text: bool) -> tuple:
+        """-> the image output ``((hi - lo) · b, B, heads · d)``, slot-major (the layout the
+        output projection reads, so that the tensor it keeps is this one, not a second
+        copy), and with ``text`` the text queries' output ``(B, T, heads · d)`` (else an
+        empty tensor): computed here, their gradients go straight into the buffers of
+        the image queries' instead of through a kernel of their own and three additions
+        of whole-stream gradients."""
         parts = _MatmulParts(q, k, v, plan, lo, hi)
         out = parts.slot_major(parts.forward())
-        ctx.save_for_backward(q, k, v, out)
-        ctx.plan, ctx.lo, ctx.hi = plan, lo, hi
-        return out
+        out_text = _TextQueries(q, k, v, plan.text).forward() if text else q.new_empty(0)
+        ctx.save_for_backward(q, k, v, out, out_text)
+        ctx.plan, ctx.lo, ctx.hi, ctx.text = plan, lo, hi, text
+        return out, out_text
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple:
-        q, k, v, out = ctx.saved_tensors
+    def backward(ctx, grad: torch.Tensor, grad_text: torch.Tensor) -> tuple:
+        q, k, v, out, out_text = ctx.saved_tensors
         parts = _MatmulParts(q, k, v, ctx.plan, ctx.lo, ctx.hi)
-        return (*parts.backward(parts.heads_first(out), parts.heads_first(grad)), None, None, None)
+        dq, dk, dv = parts.backward(parts.heads_first(out), parts.heads_first(grad))
+        if ctx.text:  # the text queries' share, added at the text positions
+            text = _TextQueries(q, k, v, ctx.plan.text)
+            for full, part in zip((dq, dk, dv), text.backward(out_text, grad_text)):
+                full[:, : ctx.plan.text] += part.transpose(1, 2)
+        return dq, dk, dv, None, None, None, None
+
+
+class _TextQueries:
+    """The text queries of a sparse layer: causal attention over the text alone, ``(B,
+    heads, T, T)`` scores, as two products and a softmax, the probabilities recomputed
+    in the backward pass like the blocks'."""
+
+    def __init__(self, q, k, v, text: int):
+        self.scale = q.shape[-1] ** -0.5
+        self.q, self.k, self.v = (x[:, :text].transpose(1, 2) for x in (q, k, v))
+        causal = torch.ones(text, text, dtype=torch.bool, device=q.device).tril()
+        self.bias = torch.zeros(causal.shape, device=q.device, dtype=q.dtype)
+        self.bias.masked_fill_(~causal, -torch.inf)
+
+    def probs(self) -> torch.Tensor:
+        return torch.baddbmm(
+            self.bias, self.q.flatten(0, 1), self.k.flatten(0, 1).transpose(1, 2), alpha=self.scale
+        ).softmax(-1)
+
+    def forward(self) -> torch.Tensor:
+        """-> ``(B, T, heads · d)``."""
+        batch, heads, T, dim = self.q.shape
+        out = self.probs() @ self.v.flatten(0, 1)
+        return out.view(batch, heads, T, dim).transpose(1, 2).reshape(batch, T, heads * dim)
+
+    def backward(self, out: torch.Tensor, grad: torch.Tensor) -> tuple:
+        """Gradients of the text positions' ``q, k, v``, each ``(B, heads, T, d)``."""
+        batch, heads, T, dim = self.q.shape
+        dtype = self.v.dtype
+
+        def heads_first(x: torch.Tensor) -> torch.Tensor:  # (B, T, heads · d) -> (B·heads, T, d)
+            return x.view(batch, T, heads, dim).transpose(1, 2).reshape(batch * heads, T, dim)
+
+        grad, out = heads_first(grad.to(dtype)), heads_first(out)
+        q, k, v = (x.flatten(0, 1) for x in (self.q, self.k, self.v))
+        probs = self.probs()
+        dv = probs.transpose(1, 2) @ grad
+        rowdot = (grad.float() * out.float()).sum(-1, keepdim=True).to(dtype)
+        ds = (grad @ v.transpose(1, 2)).sub_(rowdot).mul_(probs)
+        dq, dk = (ds @ k).mul_(self.scale), (ds.transpose(1, 2) @ q).mul_(self.scale)
+        return tuple(x.view(batch, heads, T, dim) for x in (dq, dk, dv))
 
 
 class _MatmulParts:
@@ -574,11 +625,15 @@ def sparse_attention(
     batch, size, heads, dim = q.shape
     T = plan.text
     project = project or (lambda rows: rows)
-    # the text queries: causal attention over the text alone
-    qt, kt, vt = (x[:, :T].transpose(1, 2) for x in (q, k, v))
-    out_text = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, dropout_p=dropout_p)
-    pieces = [project(out_text.transpose(1, 2).reshape(batch, T, heads * dim))]
     m = size - T  # image codes present
+    # the products (no attention dropout) compute the text queries with the first blocks
+    matmul = not fused and dropout_p == 0 and m > 0
+    text = []
+    if not matmul:  # the text queries: causal attention over the text alone
+        qt, kt, vt = (x[:, :T].transpose(1, 2) for x in (q, k, v))
+        out_text = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, dropout_p=dropout_p)
+        text = [project(out_text.transpose(1, 2).reshape(batch, T, heads * dim))]
+    image = []
     if m > 0:
         n = plan.grid * plan.grid
         if plan.kind == "column":  # every column block holds row 0
@@ -588,15 +643,14 @@ def sparse_attention(
             real = n if m == n else n - 1
         else:  # a raster prefix needs only the blocks it reaches, and its own slots
             blocks, real = -(-m // plan.block), m
-        image = []
-        for lo, hi in _chunks(plan, blocks, size):
-            # (slots, B, heads · d); the products have no attention dropout
-            if fused or dropout_p > 0:
-                out = _fused_blocks(q, k, v, plan, lo, hi, dropout_p)
+        for lo, hi in _chunks(plan, blocks, size):  # each (slots, B, heads · d)
+            if matmul:
+                out, out_text = _MatmulBlocks.apply(q, k, v, plan, lo, hi, lo == 0)
+                text += [project(out_text)] if lo == 0 else []
             else:
-                out = _MatmulBlocks.apply(q, k, v, plan, lo, hi)
+                out = _fused_blocks(q, k, v, plan, lo, hi, dropout_p)
             image.append(project(out[: real - lo * plan.block]))
         if plan.kind == "column":  # slots run column by column: back to raster order
             image = [torch.cat(image).index_select(0, plan.raster_slot[:m])]
-        pieces += [piece.transpose(0, 1) for piece in image]
+    pieces = text + [piece.transpose(0, 1) for piece in image]
     return torch.cat(pieces, 1)
