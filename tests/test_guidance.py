@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dalle1.config import DALLEConfig
-from dalle1.sampling import filter_logits, pick, sample_codes
+from dalle1.sampling import draw, sample_codes
 from dalle1.transformer import DALLE, StreamShape
 
 SHAPE = StreamShape(text_vocab=40, text_len=5, image_vocab=24, grid=3, bos_id=1)
@@ -36,7 +36,7 @@ def reference(model, t, scale, seeds, top_k=None):
         uncond, uncond_cache = model.prefill(null)
         for i in range(SHAPE.num_codes):
             mixed = uncond.float() + scale * (cond.float() - uncond.float())
-            codes[:, i] = pick(filter_logits(mixed, top_k), 1.0, generators)
+            codes[:, i] = draw(mixed, top_k, None, generators)
             if i < SHAPE.num_codes - 1:
                 cond, cond_cache = model.step(codes[:, i], i, cond_cache)
                 uncond, uncond_cache = model.step(codes[:, i], i, uncond_cache)

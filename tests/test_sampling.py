@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dalle1.config import DALLEConfig
-from dalle1.sampling import SamplingOptions, filter_logits, next_code, pick, sample_codes
+from dalle1.sampling import SamplingOptions, draw, filter_logits, next_code, pick, sample_codes
 from dalle1.transformer import DALLE, Cache, StreamShape
 
 SHAPE = StreamShape(text_vocab=40, text_len=5, image_vocab=24, grid=4, bos_id=1)
@@ -211,3 +211,25 @@ def test_a_cloned_cache_branches_without_touching_the_original():
     assert not torch.allclose(other, logits)
     with pytest.raises(ValueError, match="cache holds"):
         model.step(codes[:, 0], 15, Cache([None] * 3, [None] * 3, length=21, capacity=21))
+
+
+def test_top_k_draw_among_the_kept_codes_has_the_filtered_distribution():
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, 1.0, -2.0, 0.0, 1.5])
+    kept = filter_logits(logits, top_k=4)
+    expected = kept.softmax(-1)  # zero outside the four largest
+    rows = 20000
+    batched = draw(logits.expand(rows, -1), 4, None, torch.Generator().manual_seed(0))
+    per_row = draw(
+        logits.expand(rows, -1), 4, None, [torch.Generator().manual_seed(i) for i in range(rows)]
+    )
+    for codes in (batched, per_row):
+        freq = torch.bincount(codes, minlength=8).float() / rows
+        assert set(codes.unique().tolist()) == {0, 3, 4, 7}
+        assert (freq - expected).abs().max() < 0.015
+
+
+def test_top_k_draw_keeps_codes_tied_with_the_kth_logit():
+    # the third-largest logit (1.0) is shared by three codes: filter_logits keeps all five
+    logits = torch.tensor([3.0, 2.0, 1.0, 1.0, 1.0, 0.0])
+    codes = draw(logits.expand(4000, -1), 3, None, torch.Generator().manual_seed(1))
+    assert set(codes.unique().tolist()) == {0, 1, 2, 3, 4}
