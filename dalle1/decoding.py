@@ -502,12 +502,15 @@ def decode_threads(rows: int, device: torch.device, env: Mapping[str, str] | Non
 
 # A one-query read of at least this many key + value bytes, over at least this many
 # (batch row, head) pairs, runs on every thread torch was given, even inside a
-# one-thread step: it streams a MB or more from memory, which two cores do faster than
-# one (1.3x at batch 8, grid 32), while at this size the products around it are still
-# too small to split. 1 MB rather than 4 brings batch 8 at grid 16 in too (0-8% a
-# generation). The kernel splits the read by (row, head): one row's 8 heads gave each
-# thread too little (512 KB: batch 1 at grid 16 slower; docs/benchmarks.md).
-PARALLEL_READ_BYTES = 1 << 20
+# one-thread step: streaming several MB from memory is faster on two cores than on
+# one, while at this size the products around it are still too small to split. Below
+# it, waking the second thread can cost more than it saves: on one 2-core machine a
+# 1 MB read took 108 µs on two threads against 43 on one, and a generation at grid 16,
+# batch 8, 1.35-1.48 s with 1 MB against 1.15-1.33 s with 6 MB (grid 32, batch 8:
+# 7.6-7.7 against 7.0-8.0 s; never in parallel 8.2-9.5 s); on another, 1 MB and 4 MB
+# were within the noise. The kernel splits the read by (row, head): one row's 8 heads
+# gave each thread too little (batch 1 at grid 16 slower; docs/benchmarks.md).
+PARALLEL_READ_BYTES = 6 << 20
 PARALLEL_READ_HEADS = 16
 
 _outer_threads: list[int] = []  # the counts intra_op_threads blocks replaced, outermost first

@@ -371,10 +371,12 @@ def test_a_large_read_runs_on_every_thread_inside_a_one_thread_step(monkeypatch)
     try:
         with intra_op_threads(1):
             assert read_threads(keys, (slice(0, 512, 1),)) == 2
-            assert read_threads(keys, (slice(0, 64, 1),)) == 2  # 64 keys: 1 MB
+            assert read_threads(keys, (slice(0, 384, 1),)) == 2  # 384 keys: 6 MB
+            assert read_threads(keys, (slice(0, 383, 1),)) == 1
             assert read_threads(keys, (slice(0, 8, 1), slice(8, 520, 64))) == 1  # 256 KB
-            assert read_threads(keys[:2], (slice(0, 1024, 1),)) == 2  # 16 (row, head) pairs
-            assert read_threads(keys[:1], (slice(0, 1024, 1),)) == 1  # one row's 8 heads
+            long = torch.zeros(2, 8, 4096, 32)  # 16 (row, head) pairs, 8 MB for 2048 keys
+            assert read_threads(long, (slice(0, 2048, 1),)) == 2
+            assert read_threads(long[:1], (slice(0, 4096, 1),)) == 1  # one row's 8 heads
         assert read_threads(keys, (slice(0, 512, 1),)) == 2  # outside: torch's own setting
     finally:
         torch.set_num_threads(before)
