@@ -10,8 +10,10 @@ import sys
 import pytest
 
 # Allocate, touch and free a 48 MiB tensor (larger than glibc's largest dynamic mmap
-# threshold, so by default it is always a fresh mmap), then count the page faults of
-# doing it again.
+# threshold, so by default it is always a fresh mmap) a few times, then count the page
+# faults of doing it four times more. (With the setting, one of the first repetitions
+# can still land on fresh memory, depending on where other allocations went; from the
+# fourth on, none did in 20 runs.)
 SCRIPT = """
 import resource, sys, torch
 from dalle1.training.allocator import keep_freed_memory
@@ -21,8 +23,9 @@ def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.empty(size, dtype=torch.uint8).fill_(1)
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-faults()
-print(kept, max(faults() for _ in range(3)), size // 4096)
+for _ in range(4):
+    faults()
+print(kept, sum(faults() for _ in range(4)), size // 4096)
 """
 
 glibc = pytest.mark.skipif(
@@ -45,7 +48,7 @@ def run(**env: str) -> tuple[str, int, int]:
 def test_freed_memory_is_reused_without_page_faults():
     kept, faults, pages = run()
     assert int(kept) >= 32 << 20  # the mmap threshold now in force
-    assert faults <= pages // 100  # the second allocation reuses the first one's pages
+    assert faults <= pages // 100  # the later allocations reuse the earlier ones' pages
 
 
 @glibc
@@ -54,4 +57,4 @@ def test_a_malloc_tunable_in_the_environment_is_left_in_charge():
     # fresh memory each time (the memory benchmark relies on this)
     kept, faults, pages = run(MALLOC_MMAP_THRESHOLD_="131072")
     assert kept == "None"
-    assert faults >= pages // 2
+    assert faults >= 2 * pages  # four fresh blocks

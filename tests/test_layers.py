@@ -62,6 +62,7 @@ ORDER: dict[str, tuple[int, ...]] = {
     "planning": (15, 5),
     "pipeline": (16,),
     "": (16, 9),  # the face, dalle1/__init__.py
+    "training.allocator": (17, 1),
     "training.resilience": (17, 1),
     "training.sharding": (17, 1),
     "training.precision": (17, 1),
