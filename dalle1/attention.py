@@ -30,7 +30,10 @@ Kernels. ``fused=True`` (the default) runs the blocks through SDPA's fused kerne
 ``fused=False`` through batched matrix products and a softmax (:class:`_MatmulBlocks`),
 which bf16 training on a CPU takes: there the fused kernel's bf16 backward is slow on
 small blocks (``DALLE.flash``, docs/benchmarks.md). The products multiply the text keys,
-which every image query reads, once for all blocks, and only the image keys per block.
+which every image query reads, once for all blocks, and only the image keys per block;
+they also take the text queries (causal attention over the text alone), whose gradients
+then go straight into the same buffers (:class:`_TextQueries`). With the fused kernel
+the text queries are one more call of it.
 No gather by index where the layout makes one needless: a row or conv block reads one
 run of codes (its *window*), each ``b`` codes after the last block's, so its queries are
 a slice, its keys a strided copy of overlapping windows (:func:`_runs`), and the

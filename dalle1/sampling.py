@@ -6,7 +6,8 @@ Read top to bottom, :func:`sample_codes` does this (the options are a
 1. the caption is read once (:meth:`DALLE.prefill`), filling a key/value cache;
 2. at every step the next code's logits are turned into one code per row:
    temperature, then top-k, then top-p (nucleus), then a draw from each row's own
-   ``torch.Generator`` (:func:`next_code`, :func:`filter_logits`, :func:`pick`). The
+   ``torch.Generator`` (:func:`next_code`, :func:`draw`: :func:`filter_logits` then
+   :func:`pick`, with top-k alone a draw among the k kept codes only). The
    logits are the *image* head's only, so the filters never see text tokens;
 3. the code is fed back (:meth:`DALLE.step`): one position through every layer,
    reusing the cache. ``use_cache=False`` recomputes the whole stream instead, which
