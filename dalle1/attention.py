@@ -274,8 +274,7 @@ class _TextQueries:
         self.scale = q.shape[-1] ** -0.5
         self.q, self.k, self.v = (x[:, :text].transpose(1, 2) for x in (q, k, v))
         causal = torch.ones(text, text, dtype=torch.bool, device=q.device).tril()
-        self.bias = torch.zeros(causal.shape, device=q.device, dtype=q.dtype)
-        self.bias.masked_fill_(~causal, -torch.inf)
+        self.bias = _bias(causal, q.dtype)
 
     def probs(self) -> torch.Tensor:
         return torch.baddbmm(
@@ -334,8 +333,7 @@ class _MatmulParts:
             kh, vh = self._read_windows(q, k, v, plan.keys.shape[1] - self.text)
         self.text_k, self.text_v = kh[:, :, : self.text], vh[:, :, : self.text]
         allowed = plan.mask[lo:hi, :, self.text :]  # the text part of the mask is all True
-        bias = torch.zeros(allowed.shape, device=q.device, dtype=self.q.dtype)
-        self.bias = bias.masked_fill_(~allowed, -torch.inf)
+        self.bias = _bias(allowed, self.q.dtype)
 
     def _read_columns(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         """Column: block ``c`` is image column ``c``, read by a transposing copy. Sets the
@@ -525,6 +523,12 @@ def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         out.copy_(torch.bmm(a, b))
 
 
+def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = may attend) as an additive bias: 0 where allowed, -inf not."""
+    bias = torch.zeros(allowed.shape, device=allowed.device, dtype=dtype)
+    return bias.masked_fill_(~allowed, -torch.inf)
+
+
 def _padded(x: torch.Tensor, first: int, end: int) -> torch.Tensor:
     """``x`` ``(B, S, heads, d)`` heads first, ``(B, heads, ·, d)``, holding stream positions
     ``min(first, 0) … max(end, S) - 1``: the positions outside ``[0, S)`` are zeros (a
@@ -586,8 +590,9 @@ def matmul_attention(
     scaling, masking and the cast to float32 are one pass (``torch.add``). Autograd keeps
     the (queries, keys) probabilities, which at those lengths is small.
     """
-    bias = torch.zeros(mask.shape, device=mask.device).masked_fill_(~mask, float("-inf"))
-    scores = torch.add(bias, q @ k.transpose(-1, -2), alpha=q.shape[-1] ** -0.5)  # float32
+    scores = torch.add(
+        _bias(mask, torch.float32), q @ k.transpose(-1, -2), alpha=q.shape[-1] ** -0.5
+    )  # float32
     probs = F.dropout(scores.softmax(-1), dropout_p, training=dropout_p > 0)
     return probs.to(v.dtype) @ v
 
@@ -649,7 +654,8 @@ def sparse_attention(
         for lo, hi in _chunks(plan, blocks, size):  # each (slots, B, heads · d)
             if matmul:
                 out, out_text = _MatmulBlocks.apply(q, k, v, plan, lo, hi, lo == 0)
-                text += [project(out_text)] if lo == 0 else []
+                if lo == 0:
+                    text = [project(out_text)]
             else:
                 out = _fused_blocks(q, k, v, plan, lo, hi, dropout_p)
             image.append(project(out[: real - lo * plan.block]))

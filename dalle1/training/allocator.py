@@ -29,8 +29,8 @@ import sys
 
 # mallopt parameter numbers (glibc's malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-# Blocks below the mmap threshold come from the heap. glibc before 2.35 refuses a
-# threshold above 32 MiB (half its 64-bit HEAP_MAX_SIZE), so that is the fallback.
+# Blocks below the mmap threshold come from the heap. Some glibc versions refuse a
+# threshold above 32 MiB (half their 64-bit HEAP_MAX_SIZE), so that is the fallback.
 THRESHOLDS = (1 << 30, 32 << 20)
 # Free memory at the top of the heap beyond this much is returned to the kernel.
 TRIM_THRESHOLD = 1 << 30
