@@ -60,6 +60,7 @@ from _common import (  # noqa: E402
     timed,
 )
 
+from dalle1.decoding import CACHE_DTYPES, cache_dtype  # noqa: E402
 from dalle1.sampling import filter_logits, pick, sample_codes  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -80,11 +81,11 @@ def copy_bandwidth(device: torch.device, repeats: int = 5) -> dict:
     }
 
 
-def step_bytes(model, batch: int) -> dict:
+def step_bytes(model, batch: int, cache: torch.dtype) -> dict:
     """Bytes one decode step reads, averaged over the steps of a whole generation."""
     w = model.decode_weights()
     n_text, N = model.shape.text_len + 1, model.shape.num_codes
-    per_key = 2 * w.heads * w.dim_head * w.head.weight.element_size()
+    per_key = 2 * w.heads * w.dim_head * cache.itemsize
     keys = 0  # keys read by one row over all steps, all layers
     for kind in model.kinds:
         reads = model.key_reads(kind)
@@ -200,6 +201,9 @@ def main() -> None:
         "--dtype", choices=list(DTYPES), help="weights (default: cpu float32, cuda bf16)"
     )
     ap.add_argument("--decode", choices=["auto", "eager", "compile", "graph"], default=None)
+    ap.add_argument(
+        "--cache-dtype", choices=list(CACHE_DTYPES), help="key/value cache (default: weights')"
+    )
     ap.add_argument("--guided", action="store_true", help="also time guided sampling (2B rows)")
     ap.add_argument("--recompute", action="store_true", help="also time use_cache=False")
     ap.add_argument("--points", type=int, default=6, help="prefix lengths timed for recompute")
@@ -218,10 +222,9 @@ def main() -> None:
             for batch in args.batches:
                 text, null = captions(batch, device)
                 row = {"attention": attention, "grid": grid, "codes": grid * grid, "batch": batch}
-                row["cached"] = bench_sample(
-                    model, text, null, device, args.repeats, decode=args.decode
-                )
-                row.update(step_bytes(model, batch))
+                kw = {"decode": args.decode, "cache_dtype": args.cache_dtype}
+                row["cached"] = bench_sample(model, text, null, device, args.repeats, **kw)
+                row.update(step_bytes(model, batch, cache_dtype(args.cache_dtype, dtype)))
                 bound = batch * gbs / row["bytes_per_step"]
                 row["bound_tokens_per_s"] = round(bound, 1)
                 row["fraction_of_bound"] = round(row["cached"]["tokens_per_s"] / bound, 3)
@@ -231,7 +234,7 @@ def main() -> None:
                 row["fraction_of_bound_cpu_time"] = round(cpu_rate / bound, 3)
                 if args.guided:
                     row["guided"] = bench_sample(
-                        model, text, null, device, args.repeats, cond_scale=3.0, decode=args.decode
+                        model, text, null, device, args.repeats, cond_scale=3.0, **kw
                     )
                     row["guided_over_unguided"] = round(
                         row["guided"]["seconds"] / row["cached"]["seconds"], 3
@@ -257,6 +260,7 @@ def main() -> None:
         "model": model_info(" | ".join(args.attention)),
         "weights_dtype": str(dtype).removeprefix("torch."),
         "decode": args.decode or os.environ.get("DALLE1_DECODE") or "auto",
+        "cache_dtype": str(cache_dtype(args.cache_dtype, dtype)).removeprefix("torch."),
         "sampling": {"top_k": 64, "temperature": 1.0, "guided_cond_scale": 3.0},
         "bandwidth": bandwidth,
         "note": "seconds are medians of whole runs; cpu_seconds is process CPU time "

@@ -227,6 +227,7 @@ def sample_codes(
     use_cache: bool = True,
     progress: bool = False,
     decode: str | None = None,
+    cache_dtype: str | torch.dtype | None = None,
 ) -> torch.Tensor:
     """Sample codes (B, N) for captions ``text`` (B, L); rows may hold different captions.
 
@@ -238,6 +239,9 @@ def sample_codes(
     use_cache:  False recomputes the whole stream at every step (tests / benchmarks).
     decode:     the cached step's form, ``eager | compile | graph | auto``
                 (:func:`dalle1.decoding.decode_mode`; None = ``$DALLE1_DECODE`` or auto).
+    cache_dtype: the key/value cache's dtype, e.g. ``bfloat16`` to halve what a step reads
+                (:func:`dalle1.decoding.cache_dtype`; None = ``$DALLE1_CACHE_DTYPE`` or
+                the weights' own, which keeps cached sampling equal to full recompute).
     """
     options = SamplingOptions(temperature, top_k, top_p, cond_scale, guidance_top_p)
     _check(text, model, options, generators, keep, init_codes)
@@ -257,7 +261,7 @@ def sample_codes(
         rows = torch.cat([text, null_text.to(text).expand_as(text)]) if guided else text
         codes = torch.zeros(B, N, dtype=torch.long, device=device)
         if use_cache:
-            logits, cache = model.prefill(rows, decode=decode)
+            logits, cache = model.prefill(rows, decode=decode, cache_dtype=cache_dtype)
         for t in tqdm(range(N), desc="sampling", disable=not progress, leave=False):
             if not use_cache:
                 logits = model.next_logits_uncached(rows, doubled(codes[:, :t]))

@@ -35,7 +35,7 @@ x-transformers' own forward with the whole mask as a bias (≤ 1e-5 and ≤ 1e-4
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -176,7 +176,8 @@ class Cache:
     buffers are written in place, a cache is a single line of history: ``clone()`` it to
     branch two continuations from one prefix. A cache decodes with the weights as they were
     at ``prefill`` (``weights``), in the step form ``prefill`` chose (``runner``: None for
-    the eager step, else the compiled / CUDA-graph step of :mod:`dalle1.decoding`).
+    the eager step, else the compiled / CUDA-graph step of :mod:`dalle1.decoding`), with
+    buffers of ``dtype`` (None: the weights'; :func:`dalle1.decoding.cache_dtype`).
     """
 
     keys: list  # per layer: Tensor (B, heads, capacity, dim_head), allocated on first write
@@ -185,15 +186,14 @@ class Cache:
     capacity: int
     weights: DecodeWeights | None = None
     runner: StepRunner | None = None
+    dtype: torch.dtype | None = None
 
     def clone(self) -> Cache:
         def copy(buffers: list) -> list:
             return [None if t is None else t.clone() for t in buffers]
 
         runner = None if self.runner is None else self.runner.fresh()
-        return Cache(
-            copy(self.keys), copy(self.values), self.length, self.capacity, self.weights, runner
-        )
+        return replace(self, keys=copy(self.keys), values=copy(self.values), runner=runner)
 
 
 class DALLE(nn.Module):
@@ -365,8 +365,8 @@ class DALLE(nn.Module):
         for i, (lw, kind) in enumerate(zip(w.layers, self.kinds)):
             if cache.keys[i] is None:  # first write: zeros (a static step reads them, masked)
                 shape = (x.shape[0], w.heads, cache.capacity, w.dim_head)
-                cache.keys[i] = x.new_zeros(shape)
-                cache.values[i] = x.new_zeros(shape)
+                cache.keys[i] = x.new_zeros(shape, dtype=cache.dtype or x.dtype)
+                cache.values[i] = x.new_zeros(shape, dtype=cache.dtype or x.dtype)
             if x.shape[1] == 1:
                 read = self.key_reads(kind)[start]
             elif start == 0 and (kind == "dense" or stop <= self.shape.text_len + 1):
@@ -374,7 +374,7 @@ class DALLE(nn.Module):
             else:
                 read = self.attn_mask(kind, start, stop)
             x = decode_layer(x, lw, w.heads, cache.keys[i], cache.values[i], start, read)
-        return x, Cache(cache.keys, cache.values, stop, cache.capacity, w, cache.runner)
+        return x, replace(cache, length=stop, weights=w)
 
     # --- decoding's view of the model (dalle1/decoding.py) ------------------------------
 
@@ -492,16 +492,25 @@ class DALLE(nn.Module):
 
     # --- inference --------------------------------------------------------------------
 
-    def prefill(self, text: torch.Tensor, decode: str | None = None) -> tuple[torch.Tensor, Cache]:
+    def prefill(
+        self,
+        text: torch.Tensor,
+        decode: str | None = None,
+        cache_dtype: str | torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, Cache]:
         """Read the caption in one pass: -> (logits for the first code (B, Vi), cache).
 
         ``decode``: the step form the cache's steps use (:func:`dalle1.decoding.decode_mode`:
         ``eager | compile | graph | auto``; None = ``$DALLE1_DECODE`` or ``auto``).
+        ``cache_dtype``: the keys' and values' dtype (:func:`dalle1.decoding.cache_dtype`;
+        None = ``$DALLE1_CACHE_DTYPE`` or the weights' own).
         """
         capacity = self.shape.text_len + self.shape.num_codes  # the whole input stream
         depth = len(self.layers)
         runner = self._runner(decode, text.device)
-        empty = Cache([None] * depth, [None] * depth, 0, capacity, self.decode_weights(), runner)
+        w = self.decode_weights()
+        dtype = decoding.cache_dtype(cache_dtype, w.dtype)
+        empty = Cache([None] * depth, [None] * depth, 0, capacity, w, runner, dtype)
         h, cache = self.decode_layers(self.embed_text(text), empty)
         return decoding.logits(cache.weights, h[:, -1]), cache
 
@@ -519,11 +528,10 @@ class DALLE(nn.Module):
         w = cache.weights or self.decode_weights()
         if cache.runner is not None and None not in cache.keys:
             at = torch.tensor([index], device=code.device)
-            out = cache.runner(w, cache.keys, cache.values, self.static_reads(w.dtype), code, at)
+            reads = self.static_reads(cache.keys[0].dtype)
+            out = cache.runner(w, cache.keys, cache.values, reads, code, at)
             if out is not None:  # None: the compile / capture failed, decode eagerly
-                return out, Cache(
-                    cache.keys, cache.values, cache.length + 1, cache.capacity, w, cache.runner
-                )
+                return out, replace(cache, length=cache.length + 1, weights=w)
         grid = self.shape.grid
         # same sum, in the same order, as embed_codes (image + row + column)
         x = F.embedding(code, w.image_emb) + w.row_pos[index // grid] + w.col_pos[index % grid]

@@ -16,6 +16,7 @@ from dalle1.decoding import (
     Matrix,
     StepRunner,
     attend,
+    cache_dtype,
     decode_mode,
     decode_threads,
     intra_op_threads,
@@ -77,10 +78,27 @@ def test_attend_over_views_equals_masked_attention(kind):
         assert (attend(q, keys, values, read) - expected).abs().max() <= 1e-5
 
 
-def steps(model, t, codes, runner=None):
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_attend_reads_a_bfloat16_cache_and_answers_in_the_querys_dtype(kind):
+    g = torch.Generator().manual_seed(0)
+    mask = stream_mask(kind, 5, 6, conv_kernel=3)
+    S = mask.shape[0]
+    keys, values = torch.randn(2, 3, S, 8, generator=g), torch.randn(2, 3, S, 8, generator=g)
+    low_k, low_v = keys.bfloat16(), values.bfloat16()
+    for p, read in enumerate(key_reads(mask)):
+        q = torch.randn(2, 3, 1, 8, generator=g)
+        expected = F.scaled_dot_product_attention(
+            q, low_k.float(), low_v.float(), attn_mask=mask[p][None]
+        )  # the rounded keys, attended exactly
+        got = attend(q, low_k, low_v, read)
+        assert got.dtype == torch.float32
+        assert (got - expected).abs().max() <= 2e-2
+
+
+def steps(model, t, codes, runner=None, cache_dtype=None):
     """Logits of prefill and every cached step, optionally through a StepRunner."""
     with torch.inference_mode():
-        logits, cache = model.prefill(t, decode="eager")
+        logits, cache = model.prefill(t, decode="eager", cache_dtype=cache_dtype)
         cache.runner = runner
         out = [logits]
         for i in range(codes.shape[1] - 1):
@@ -161,6 +179,50 @@ def test_decode_mode_follows_the_argument_then_the_environment(monkeypatch):
     assert decode_mode(None, cuda) == "eager"  # the switch that turns compiling off
     with pytest.raises(ValueError, match="decode mode must be one of"):
         decode_mode("fast", cpu)
+
+
+def test_the_cache_dtype_follows_the_argument_then_the_environment_then_the_weights(
+    monkeypatch,
+):
+    monkeypatch.delenv("DALLE1_CACHE_DTYPE", raising=False)
+    assert cache_dtype(None, torch.float32) == torch.float32  # default: exact decoding
+    assert cache_dtype(None, torch.bfloat16) == torch.bfloat16
+    assert cache_dtype("bfloat16", torch.float32) == torch.bfloat16
+    assert cache_dtype(torch.float16, torch.float32) == torch.float16
+    monkeypatch.setenv("DALLE1_CACHE_DTYPE", "bfloat16")
+    assert cache_dtype(None, torch.float32) == torch.bfloat16
+    assert cache_dtype("float32", torch.float32) == torch.float32  # the argument wins
+    with pytest.raises(ValueError, match="cache dtype must be one of"):
+        cache_dtype("int8", torch.float32)
+    m = make()
+    with torch.inference_mode():
+        _, cache = m.prefill(text(2))
+    assert {t.dtype for t in cache.keys + cache.values} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("kinds", [["dense"] * 2, ALL_KINDS], ids=["dense", "mixed"])
+def test_a_bfloat16_cache_decodes_close_to_the_float32_model(kinds):
+    # the opt-in halves the bytes a step reads from the cache, at bfloat16's precision
+    m = make(kinds)
+    t = text(3)
+    codes = torch.randint(0, 24, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        _, full = m(t, codes)
+    eager = steps(m, t, codes, cache_dtype="bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to eager would warn
+        runner = StepRunner("compile", static_step)
+        static = steps(m, t, codes, runner, cache_dtype="bfloat16")
+    with torch.inference_mode():
+        _, cache = m.prefill(t, cache_dtype="bfloat16")
+    assert {k.dtype for k in cache.keys + cache.values} == {torch.bfloat16}
+    assert eager.dtype == torch.float32  # the weights and the logits keep their dtype
+    assert 0 < (eager - full).abs().max() <= 1e-2  # rounded keys, not an exact decode
+    assert (static - eager).abs().max() <= 1e-2
+    # sampling: the same API, the codes of a model whose cached keys were rounded
+    greedy = sample_codes(m, t, temperature=0, cache_dtype="bfloat16")
+    exact = sample_codes(m, t, temperature=0)
+    assert greedy.shape == exact.shape and (greedy == exact).float().mean() >= 0.75
 
 
 def test_small_cpu_batches_decode_on_one_thread_and_the_setting_comes_back(monkeypatch):
