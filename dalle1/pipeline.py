@@ -145,12 +145,16 @@ class DALLEPipeline:
         folder: str | Path,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        cache_dtype: str | torch.dtype | None = None,
     ) -> DALLEPipeline:
         """Load a model folder written by ``train.py`` (weights via safetensors only).
 
         ``dtype`` (e.g. ``torch.bfloat16``) casts the transformer's weights once, so that
         sampling runs in that dtype (see :meth:`to`). None: bfloat16 on a CUDA device that
         supports it (half the bytes per decoded token), float32 elsewhere.
+        ``cache_dtype`` (e.g. ``"bfloat16"``) keeps the sampling key/value cache in that
+        dtype while the weights keep theirs (faster at large grids and batches; opt-in, see
+        :func:`dalle1.decoding.cache_dtype`). None: ``$DALLE1_CACHE_DTYPE``, else the weights'.
         ``device="auto"`` picks CUDA when available. The folder's ``sampling.json`` (the
         settings training chose, :mod:`dalle1.recommend`) becomes :attr:`recommended`.
         """
@@ -161,6 +165,7 @@ class DALLEPipeline:
         if dtype is None:
             cuda = torch.device(device).type == "cuda"
             dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+        dalle.cache_dtype = cache_dtype
         pipe = cls(config, vae, dalle, tokenizer, clip=clip, folder=folder, recommended=recommended)
         return pipe.to(device, dtype)
 

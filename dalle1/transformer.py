@@ -247,6 +247,9 @@ class DALLE(nn.Module):
         # training layers: torch's fused attention kernel (False: matrix products, for bf16
         # on a CPU; see dense_attention, PLAIN_DENSE_MAX and dalle1.attention)
         self.flash = True
+        # the key/value cache's dtype when prefill is not told (None: $DALLE1_CACHE_DTYPE,
+        # else the weights'; dalle1.decoding.cache_dtype). The pipeline sets it.
+        self.cache_dtype: str | torch.dtype | None = None
         # decoding's derived state, built on first use (plain attributes: never saved)
         self._reads: dict[tuple, list[Read]] = {}  # (kind, device) -> per stream position
         self._static_reads: dict[tuple, StaticReads] = {}  # (kind, device, dtype) -> padded
@@ -503,13 +506,14 @@ class DALLE(nn.Module):
         ``decode``: the step form the cache's steps use (:func:`dalle1.decoding.decode_mode`:
         ``eager | compile | graph | auto``; None = ``$DALLE1_DECODE`` or ``auto``).
         ``cache_dtype``: the keys' and values' dtype (:func:`dalle1.decoding.cache_dtype`;
-        None = ``$DALLE1_CACHE_DTYPE`` or the weights' own).
+        None = the model's ``cache_dtype`` attribute, else ``$DALLE1_CACHE_DTYPE``, else the
+        weights' own).
         """
         capacity = self.shape.text_len + self.shape.num_codes  # the whole input stream
         depth = len(self.layers)
         runner = self._runner(decode, text.device)
         w = self.decode_weights()
-        dtype = decoding.cache_dtype(cache_dtype, w.dtype)
+        dtype = decoding.cache_dtype(cache_dtype or self.cache_dtype, w.dtype)
         empty = Cache([None] * depth, [None] * depth, 0, capacity, w, runner, dtype)
         h, cache = self.decode_layers(self.embed_text(text), empty)
         return decoding.logits(cache.weights, h[:, -1]), cache

@@ -12,6 +12,7 @@ from dalle1.checkpoint import ModelFolderError
 from dalle1.cli import main
 from dalle1.images import stack_images
 from dalle1.text import TextTokenizer
+from dalle1.transformer import DALLE
 
 
 def test_model_folder_layout(tiny_model):
@@ -66,6 +67,35 @@ def test_a_bf16_pipeline_casts_the_transformer_once_and_samples(tiny_model):
     b = pipe(["a red circle", "a blue square"], num_images=2, temperature=0).codes
     assert torch.equal(a[:, 0], b[:, 0]) and (a == b).float().mean() >= 0.75
     assert pipe.to(torch.float32) is pipe and pipe.dalle.norm.weight.dtype == torch.float32
+
+
+def test_a_bfloat16_cache_reaches_sampling_from_the_pipeline_and_the_cli(
+    tiny_model, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("DALLE1_CACHE_DTYPE", raising=False)
+    seen = []  # the dtype of every cache prefill builds
+    prefill = DALLE.prefill
+
+    def spy(self, *args, **kwargs):
+        logits, cache = prefill(self, *args, **kwargs)
+        seen.append(cache.keys[0].dtype)
+        return logits, cache
+
+    monkeypatch.setattr(DALLE, "prefill", spy)
+    prompts = ["a red circle", "a blue square"]
+    exact = DALLEPipeline.from_pretrained(tiny_model)(prompts, num_images=2, temperature=0)
+    pipe = DALLEPipeline.from_pretrained(tiny_model, cache_dtype="bfloat16")
+    rounded = pipe(prompts, num_images=2, temperature=0)
+    assert seen == [torch.float32, torch.bfloat16]
+    assert all(p.dtype == torch.float32 for p in pipe.dalle.parameters())  # weights as they were
+    assert (exact.codes == rounded.codes).float().mean() >= 0.75
+    edited = pipe.edit(rounded.images[0], "a blue circle", box=(0, 0, 8, 8), candidates=1)
+    assert seen[-1] == torch.bfloat16 and edited.codes.shape == (1, 16)  # editing samples too
+    seen.clear()
+    args = ["--model", str(tiny_model), "--prompt", "a red circle", "--num-images", "1"]
+    args += ["--out", str(tmp_path / "out"), "--cache-dtype", "bfloat16"]
+    assert main(args, command_name="sample") == 0
+    assert seen == [torch.bfloat16]
 
 
 def test_mismatched_parts_name_both_numbers(tiny_model, tmp_path):
