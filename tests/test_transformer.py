@@ -278,3 +278,33 @@ def test_cached_decoding_equals_the_full_forward_under_the_paper_schedule(grid):
         assert (torch.stack(steps, 1) - full).abs().max() <= 1e-4
         for n in (3, grid * grid // 2):  # a shorter stream: a prefix of the codes
             assert (m.next_logits_uncached(text, codes[:, :n]) - full[:, n]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("attention", ["dense", "dalle"])
+def test_under_autocast_a_layer_keeps_one_cast_of_each_normed_input(attention):
+    # q, k and v read one bf16 cast of the normed input: the backward keeps it once, not
+    # three times; the feed-forward keeps its own (so two per layer), and the loss and
+    # gradients are autocast's own of the three projections cast separately
+    torch.manual_seed(0)
+    cfg = DALLEConfig(dim=32, depth=1, heads=2, dim_head=8, attention=attention, conv_kernel=3)
+    m = DALLE(cfg, SHAPE).train()  # attention 16 wide: only the normed inputs are 32 wide
+    x = torch.randn(2, 5 + 9, 32, requires_grad=True)
+    kept: dict[int, tuple] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == torch.bfloat16 and t.numel() == x.numel():  # (B, S, dim), any view
+            kept[t.untyped_storage().data_ptr()] = t.shape
+        return t
+
+    with (
+        torch.autocast("cpu", torch.bfloat16),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
+        out = m._layer(0, m.kinds[0], x)
+    assert len(kept) == 2
+    with torch.autocast("cpu", torch.bfloat16):
+        ours = m._layer(0, m.kinds[0], x)
+        lay = m.layers[0]
+        theirs = lay(x, attn_bias=m.attn_bias(m.kinds[0], 0, x.shape[1]))
+    assert torch.equal(out, ours)
+    assert (ours.float() - theirs.float()).abs().max() <= 5e-2  # both in bf16 products
