@@ -579,7 +579,10 @@ def cache_dtype(requested: str | torch.dtype | None, weights: torch.dtype) -> to
     if not name:
         return weights
     if name not in CACHE_DTYPES:
-        raise ValueError(f"cache dtype must be one of {', '.join(CACHE_DTYPES)}, got '{name}'")
+        where = "" if requested else " ($DALLE1_CACHE_DTYPE)"
+        raise ValueError(
+            f"cache dtype{where} must be one of {', '.join(CACHE_DTYPES)}, got '{name}'"
+        )
     return CACHE_DTYPES[name]
 
 

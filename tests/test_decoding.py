@@ -183,6 +183,10 @@ def test_the_cache_dtype_follows_the_argument_then_the_environment_then_the_weig
     assert cache_dtype("float32", torch.float32) == torch.float32  # the argument wins
     with pytest.raises(ValueError, match="cache dtype must be one of"):
         cache_dtype("int8", torch.float32)
+    monkeypatch.setenv("DALLE1_CACHE_DTYPE", "int8")
+    with pytest.raises(ValueError, match=r"cache dtype \(\$DALLE1_CACHE_DTYPE\) must be"):
+        cache_dtype(None, torch.float32)
+    monkeypatch.setenv("DALLE1_CACHE_DTYPE", "bfloat16")
     m = make()
     with torch.inference_mode():
         _, cache = m.prefill(text(2))
