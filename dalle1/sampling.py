@@ -240,8 +240,9 @@ def sample_codes(
     decode:     the cached step's form, ``eager | compile | graph | auto``
                 (:func:`dalle1.decoding.decode_mode`; None = ``$DALLE1_DECODE`` or auto).
     cache_dtype: the key/value cache's dtype, e.g. ``bfloat16`` to halve what a step reads
-                (:func:`dalle1.decoding.cache_dtype`; None = ``$DALLE1_CACHE_DTYPE`` or
-                the weights' own, which keeps cached sampling equal to full recompute).
+                (:func:`dalle1.decoding.cache_dtype`; None = the model's ``cache_dtype``,
+                else ``$DALLE1_CACHE_DTYPE``, else the weights' own, which keeps cached
+                sampling equal to full recompute).
     """
     options = SamplingOptions(temperature, top_k, top_p, cond_scale, guidance_top_p)
     _check(text, model, options, generators, keep, init_codes)

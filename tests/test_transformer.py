@@ -283,8 +283,8 @@ def test_cached_decoding_equals_the_full_forward_under_the_paper_schedule(grid):
 @pytest.mark.parametrize("attention", ["dense", "dalle"])
 def test_under_autocast_a_layer_keeps_one_cast_of_each_normed_input(attention):
     # q, k and v read one bf16 cast of the normed input: the backward keeps it once, not
-    # three times; the feed-forward keeps its own (so two per layer), and the loss and
-    # gradients are autocast's own of the three projections cast separately
+    # three times; the feed-forward keeps its own (so two per layer); and the layer's
+    # output stays x-transformers' own under autocast, to bf16's precision
     torch.manual_seed(0)
     cfg = DALLEConfig(dim=32, depth=1, heads=2, dim_head=8, attention=attention, conv_kernel=3)
     m = DALLE(cfg, SHAPE).train()  # attention 16 wide: only the normed inputs are 32 wide
