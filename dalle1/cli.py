@@ -119,7 +119,8 @@ def add_sampling_args(p: argparse.ArgumentParser, seed_help: str) -> None:
         choices=list(CACHE_DTYPES),
         default=None,
         help="key/value cache dtype while sampling; bfloat16 halves its bytes, faster at large "
-        "grids and batches, not bit-exact (default: $DALLE1_CACHE_DTYPE, else the weights')",
+        "grids and batches on a GPU or a CPU with AMX (elsewhere only smaller), not bit-exact "
+        "(default: $DALLE1_CACHE_DTYPE, else the weights')",
     )
 
 

@@ -42,7 +42,8 @@ step, as plain tensor functions over the weights the transformer hands it
   exp(-inf) = 0 to the softmax, so skipping it changes nothing but the work.
 * **Optionally, a bfloat16 cache** (:func:`cache_dtype`, opt-in). At long streams and
   many rows the cache, not the weights, is most of what a step reads (grid 32, batch 8,
-  dense: 35 of 48 MB); bfloat16 keys and values halve it, at bfloat16's precision.
+  dense: 35 of 48 MB); bfloat16 keys and values halve it, at bfloat16's precision. Its
+  attention runs in bfloat16 only where that kernel is fast (:func:`attention_dtype`).
 
 Two forms of the step, the same function of the inputs (tests hold them equal):
 
@@ -65,6 +66,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -341,15 +343,20 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, read: Read
     One slice: ``scaled_dot_product_attention`` on a view. Several: one softmax over the
     concatenated *scores* of the slices (a few numbers per head), then the weighted values
     of each slice summed, so no key or value is copied. An index: a gather, then attention.
-    A cache in another dtype than ``q`` (:func:`cache_dtype`) is read as it is; the answer
-    is in ``q``'s dtype.
+    A cache in another dtype than ``q`` (:func:`cache_dtype`) is attended in
+    :func:`attention_dtype` (one slice) or ``q``'s dtype (the others); the answer is in
+    ``q``'s dtype.
     """
     if isinstance(read, torch.Tensor):
         k, v = keys.index_select(2, read), values.index_select(2, read)
         return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))
-    if len(read) == 1:  # a long read (dense): in the cache's dtype, whatever it is
+    if len(read) == 1:  # a long read (dense): in attention_dtype
         k, v = cut(keys, read[0]), cut(values, read[0])
-        return F.scaled_dot_product_attention(q.to(k.dtype), k, v).to(q.dtype)
+        if keys.dtype == q.dtype:  # the default: no conversion to look up
+            return F.scaled_dot_product_attention(q, k, v)
+        work = attention_dtype(keys, q.dtype)
+        out = F.scaled_dot_product_attention(q.to(work), k.to(work), v.to(work))
+        return out.to(q.dtype)
     # a few short windows (row, column layers): their products of one query ran faster in
     # float32 than in bfloat16 (grid 32, batch 8, `dalle` masks: 4.7 against 5.5 s)
     parts = [(cut(keys, s).to(q.dtype), cut(values, s).to(q.dtype)) for s in read]
@@ -398,8 +405,9 @@ def decode_layer(
     else:
         past_k, past_v = keys.narrow(2, 0, stop), values.narrow(2, 0, stop)
         causal = read is None and start == 0
+        work = attention_dtype(keys, x.dtype)
         out = F.scaled_dot_product_attention(
-            q.to(keys.dtype), past_k, past_v, attn_mask=read, is_causal=causal
+            q.to(work), past_k.to(work), past_v.to(work), attn_mask=read, is_causal=causal
         ).to(x.dtype)
     x = x + w.out(out.transpose(1, 2).reshape(b, n, -1))
     h = F.layer_norm(x, (d,), w.ff_norm, eps=EPS)
@@ -438,16 +446,16 @@ def static_step(
         q, k, v = (t.to(k_cache.dtype) for t in (q, k, v))  # a no-op unless cache_dtype differs
         k_cache.index_copy_(2, pos, k)
         v_cache.index_copy_(2, pos, v)
+        work = attention_dtype(k_cache, x.dtype)
         if read is None:
-            out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=causal)
+            k_all, v_all, bias = k_cache, v_cache, causal
         else:
             allowed = read.index[pos].squeeze(0)  # (W,)
-            out = F.scaled_dot_product_attention(
-                q,
-                k_cache.index_select(2, allowed),
-                v_cache.index_select(2, allowed),
-                attn_mask=read.bias[pos],  # (1 query, W keys)
-            )
+            k_all, v_all = k_cache.index_select(2, allowed), v_cache.index_select(2, allowed)
+            bias = read.bias[pos]  # (1 query, W keys)
+        out = F.scaled_dot_product_attention(
+            q.to(work), k_all.to(work), v_all.to(work), attn_mask=bias.to(work)
+        )
         x = x + lw.out(out.to(x.dtype).reshape(b, -1))
         h = F.layer_norm(x, (d,), lw.ff_norm, eps=EPS)
         x = x + lw.ff_out(lw.ff_in(h, gelu=True))
@@ -584,6 +592,27 @@ def cache_dtype(requested: str | torch.dtype | None, weights: torch.dtype) -> to
             f"cache dtype{where} must be one of {', '.join(CACHE_DTYPES)}, got '{name}'"
         )
     return CACHE_DTYPES[name]
+
+
+@lru_cache(maxsize=1)
+def _cpu_has_amx() -> bool:
+    return torch.cpu._is_amx_tile_supported()
+
+
+def attention_dtype(keys: torch.Tensor, compute: torch.dtype) -> torch.dtype:
+    """The dtype attention over the cached ``keys`` runs in: the cache's own where the
+    kernels are fast in it (a GPU; a CPU with AMX tiles), else ``compute`` (the weights'
+    dtype), the keys and values converted as they are read.
+
+    ``scaled_dot_product_attention`` in bfloat16 on a CPU without AMX (AVX-512 bf16 alone,
+    as on AMD Zen 4) took twice its float32 time: there a bfloat16 cache made grid 32,
+    batch 8 slower than a float32 one (18.7 against 9.6 s). Converted as read, the same
+    cache decoded in 12 s against float32's 10 (grid 16: the same time), in half the
+    memory (docs/benchmarks.md). With AMX the bfloat16 kernel is the faster one.
+    """
+    if keys.dtype == compute or keys.device.type != "cpu" or _cpu_has_amx():
+        return keys.dtype
+    return compute
 
 
 def decode_mode(requested: str | None, device: torch.device) -> str:

@@ -153,7 +153,8 @@ class DALLEPipeline:
         sampling runs in that dtype (see :meth:`to`). None: bfloat16 on a CUDA device that
         supports it (half the bytes per decoded token), float32 elsewhere.
         ``cache_dtype`` (e.g. ``"bfloat16"``) keeps the sampling key/value cache in that
-        dtype while the weights keep theirs (faster at large grids and batches; opt-in, see
+        dtype while the weights keep theirs (faster at large grids and batches on a GPU or
+        a CPU with AMX, :func:`dalle1.decoding.attention_dtype`; opt-in, see
         :func:`dalle1.decoding.cache_dtype`). None: ``$DALLE1_CACHE_DTYPE``, else the weights'.
         ``device="auto"`` picks CUDA when available. The folder's ``sampling.json`` (the
         settings training chose, :mod:`dalle1.recommend`) becomes :attr:`recommended`.

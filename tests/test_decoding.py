@@ -16,6 +16,7 @@ from dalle1.decoding import (
     Matrix,
     StepRunner,
     attend,
+    attention_dtype,
     cache_dtype,
     decode_mode,
     decode_threads,
@@ -66,10 +67,14 @@ def test_key_reads_name_exactly_the_allowed_keys(kind):
         assert all(isinstance(r, tuple) and len(r) <= 2 for r in reads)
 
 
+@pytest.mark.parametrize("amx", [False, True], ids=["no-amx", "amx"])
 @pytest.mark.parametrize("cache", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ALL_KINDS)
-def test_attend_over_views_equals_masked_attention(kind, cache):
-    # a bfloat16 cache (cache_dtype) is read as it is; the answer keeps the query's dtype
+def test_attend_over_views_equals_masked_attention(kind, cache, amx, monkeypatch):
+    # a bfloat16 cache (cache_dtype) is attended in bfloat16 only on a CPU with AMX; without,
+    # its keys are converted as read, so the answer is exact attention of the rounded keys
+    monkeypatch.setattr(decoding, "_cpu_has_amx", lambda: amx)
+    exact = cache == torch.float32 or not amx
     g = torch.Generator().manual_seed(0)
     mask = stream_mask(kind, 5, 6, conv_kernel=3)
     S = mask.shape[0]
@@ -81,7 +86,19 @@ def test_attend_over_views_equals_masked_attention(kind, cache):
         )  # the cached keys as they are, attended exactly
         got = attend(q, keys, values, read)
         assert got.dtype == torch.float32
-        assert (got - expected).abs().max() <= (1e-5 if cache == torch.float32 else 2e-2)
+        assert (got - expected).abs().max() <= (1e-5 if exact else 2e-2)
+
+
+def test_a_bfloat16_cache_is_attended_in_bfloat16_only_where_that_is_fast(monkeypatch):
+    assert isinstance(decoding._cpu_has_amx(), bool)  # the real probe answers
+    bf16, f32 = torch.zeros(1, 1, 4, 8, dtype=torch.bfloat16), torch.zeros(1, 1, 4, 8)
+    monkeypatch.setattr(decoding, "_cpu_has_amx", lambda: False)  # e.g. AMD Zen 4
+    assert attention_dtype(bf16, torch.float32) == torch.float32  # converted as read
+    assert attention_dtype(f32, torch.float32) == torch.float32
+    assert attention_dtype(bf16, torch.bfloat16) == torch.bfloat16  # bf16 weights: as is
+    monkeypatch.setattr(decoding, "_cpu_has_amx", lambda: True)
+    assert attention_dtype(bf16, torch.float32) == torch.bfloat16
+    assert attention_dtype(f32, torch.float32) == torch.float32
 
 
 def steps(model, t, codes, runner=None, cache_dtype=None):
@@ -193,9 +210,12 @@ def test_the_cache_dtype_follows_the_argument_then_the_environment_then_the_weig
     assert {t.dtype for t in cache.keys + cache.values} == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("amx", [False, True], ids=["no-amx", "amx"])
 @pytest.mark.parametrize("kinds", [["dense"] * 2, ALL_KINDS], ids=["dense", "mixed"])
-def test_a_bfloat16_cache_decodes_close_to_the_float32_model(kinds):
-    # the opt-in halves the bytes a step reads from the cache, at bfloat16's precision
+def test_a_bfloat16_cache_decodes_close_to_the_float32_model(kinds, amx, monkeypatch):
+    # the opt-in halves the bytes a step reads from the cache, at bfloat16's precision,
+    # whichever dtype the CPU attends it in (attention_dtype)
+    monkeypatch.setattr(decoding, "_cpu_has_amx", lambda: amx)
     m = make(kinds)
     t = text(3)
     codes = torch.randint(0, 24, (3, 16), generator=torch.Generator().manual_seed(1))
