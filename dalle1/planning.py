@@ -22,8 +22,9 @@ Conventions (written out because every MFU figure depends on them):
   counted: the CUDA context and allocator slack (typically 1–3 GB).
 * **Activations** per layer and sample: what autograd keeps for backward in
   :class:`dalle1.transformer.DALLE`'s layer — per stream position
-  ``6·dim + 4·heads·dim_head + 2·ff`` values in the compute dtype (x-transformers'
-  LayerNorm keeps its input, the normalised and the scaled output; q, k, v and the
+  ``4·dim + 4·heads·dim_head + 2·ff`` values in the compute dtype (each of the two
+  norms, one fused layer norm, keeps its input, and the products that read its output
+  keep that; q, k, v and the
   attention output; the feed-forward's GELU input and output), 16 bytes of LayerNorm
   statistics and 4 bytes of log-sum-exp per head, for dense and sparse layers alike (a
   row / column / conv layer keeps no mask of its own: :mod:`dalle1.attention` gathers
@@ -168,7 +169,7 @@ def activation_bytes_per_layer(model: DALLE, kind: str, precision: str) -> float
     S = s.text_len + s.num_codes
     b = 2 if low_precision(precision) else 4
     ff = max(m.out_features for m in model.layers[0].modules() if isinstance(m, nn.Linear))
-    per_position = (6 * cfg.dim + 4 * attention_width(cfg) + 2 * ff) * b + 16 + 4 * cfg.heads
+    per_position = (4 * cfg.dim + 4 * attention_width(cfg) + 2 * ff) * b + 16 + 4 * cfg.heads
     return S * per_position
 
 

@@ -145,10 +145,19 @@ class Layer(Decoder):
             return super().forward(x, **kwargs)
         norm, attn, ff_norm, ff = _layer_parts(self)
         b, n, _ = x.shape
-        h = _autocast_input(norm(x))
+        h = _autocast_input(_layer_norm(norm, x))
         q, k, v = (proj(h).view(b, n, attn.heads, -1) for proj in (attn.to_q, attn.to_k, attn.to_v))
         x = x + attend(q, k, v, attn.to_out)
-        return x + ff(ff_norm(x))
+        return x + ff(_layer_norm(ff_norm, x))
+
+
+def _layer_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x-transformers' ``LayerNorm`` (a LayerNorm without affine, then ``* gain``) as one
+    ``F.layer_norm`` with the gain as its weight: the same function, in one kernel, whose
+    backward pass keeps ``x`` and two numbers per row. The separate product kept a float32
+    copy of the normed ``x`` per norm (two per layer: 50 MB of a 6-layer step at 32×32, batch 4)."""
+    gain = norm.gamma + 1.0 if norm.unit_offset else norm.gamma
+    return F.layer_norm(x, x.shape[-1:], gain, None, norm.ln.eps)
 
 
 def _autocast_input(h: torch.Tensor) -> torch.Tensor:

@@ -101,7 +101,7 @@ def test_activation_bytes_equal_what_autograd_saves(kind):
             if isinstance(t, torch.Tensor):
                 saved.pop(t.untyped_storage().data_ptr(), None)
     expected = batch * activation_bytes_per_layer(model, kind, "32-true")
-    # not modelled: x-transformers' two LayerNorm gains re-made per layer (gamma + 0), and
+    # not modelled: the two LayerNorm gains re-made per layer (gamma + 1), and
     # for a sparse layer its gather indices and the padded slots of its last block
     slack = 2 * 64 * 4
     if kind != "dense":

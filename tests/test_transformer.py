@@ -280,6 +280,45 @@ def test_cached_decoding_equals_the_full_forward_under_the_paper_schedule(grid):
             assert (m.next_logits_uncached(text, codes[:, :n]) - full[:, n]).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+@pytest.mark.parametrize("attention", ["dense", "dalle"])
+def test_a_layer_keeps_no_float32_copy_of_its_normed_inputs(attention, autocast):
+    # each norm is one F.layer_norm with the gain as its weight: its backward keeps the
+    # input (the residual stream, before each sub-layer), not a normed copy as
+    # x-transformers' LayerNorm (layer norm, then a product by the gain) does; the output
+    # equals x-transformers' own
+    torch.manual_seed(0)
+    cfg = DALLEConfig(dim=32, depth=1, heads=2, dim_head=8, attention=attention, conv_kernel=3)
+    m = DALLE(cfg, SHAPE).train()
+    with torch.no_grad():  # a gain that is not all ones, so that it has to be applied
+        for p in m.layers.parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 5 + 9, 32, requires_grad=True)
+    kept: set[int] = set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == torch.float32 and t.numel() == x.numel():  # (B, S, dim) float32
+            kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    with (
+        torch.autocast("cpu", torch.bfloat16, enabled=autocast),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+    ):
+        out = m._layer(0, m.kinds[0], x)
+    # the two residual-stream inputs; in float32 the projections keep the two normed
+    # inputs they read as well (under autocast they keep bf16 casts instead)
+    assert len(kept) == (2 if autocast else 4)
+    if not autocast:
+        theirs = m.layers[0](x, attn_bias=m.attn_bias(m.kinds[0], 0, x.shape[1]))
+        assert (out - theirs).abs().max() <= 1e-5
+        grads = torch.autograd.grad(out.square().sum(), [x, *m.layers.parameters()])
+        reference = torch.autograd.grad(theirs.square().sum(), [x, *m.layers.parameters()])
+        for a, b in zip(grads, reference):
+            assert (a - b).abs().max() <= 1e-4 * (1 + b.abs().max())
+
+
 @pytest.mark.parametrize("attention", ["dense", "dalle"])
 def test_under_autocast_a_layer_keeps_one_cast_of_each_normed_input(attention):
     # q, k and v read one bf16 cast of the normed input: the backward keeps it once, not
