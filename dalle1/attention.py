@@ -57,7 +57,7 @@ stream, forward and gradients.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -88,6 +88,16 @@ class BlockPlan:
     # row and conv: block j reads the image codes j·b + window … j·b + window + K - T - 1
     # (a run: the allowed offsets leave no gap); None for column
     window: int | None = None
+    # the mask as an additive bias (blocks, 1, b, K), one per dtype, made on first use
+    biases: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """``mask`` as SDPA's additive bias in ``dtype``, made once for every layer and
+        step: given the boolean mask, SDPA converts it at each call and keeps that copy for
+        the backward pass, one per layer (at 48×48 about 9 MB a step over the six layers)."""
+        if dtype not in self.biases:
+            self.biases[dtype] = _bias(self.mask, dtype)[:, None]
+        return self.biases[dtype]
 
 
 def default_block(kind: str, grid: int, fused: bool = True) -> int:
@@ -115,7 +125,8 @@ def block_plan(
     """
     plan = _build_plan(kind, text, grid, conv_kernel, block or default_block(kind, grid, fused))
     tensors = ("queries", "keys", "mask", "raster_slot")
-    return replace(plan, **{name: getattr(plan, name).to(device) for name in tensors})
+    moved = {name: getattr(plan, name).to(device) for name in tensors}
+    return replace(plan, **moved, biases={})  # biases of its own, on its device
 
 
 def _build_plan(kind: str, text: int, grid: int, conv_kernel: int, block: int) -> BlockPlan:
@@ -223,7 +234,7 @@ def _fused_blocks(
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=plan.mask[lo:hi, None], dropout_p=dropout_p
+            queries, keys, values, attn_mask=plan.bias(q.dtype)[lo:hi], dropout_p=dropout_p
         )  # (blocks, B · heads, b, d), laid out as its queries: (blocks, b, B · heads, d)
     return out.transpose(1, 2).reshape(blocks * b, batch, heads * dim)
 

@@ -151,6 +151,38 @@ def test_gathered_blocks_are_not_kept_for_the_backward_pass():
     assert k.grad is not None and k.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_fused_layers_of_a_kind_share_one_mask_bias(kind):
+    # SDPA keeps the mask it is given for the backward pass: given the boolean mask it
+    # would convert and keep a float copy per call (per layer); the plan's bias is made
+    # once per dtype, and every call keeps that same tensor
+    text, grid = 7, 6
+    plan = block_plan(kind, text, grid, 3)
+    kept = []
+    hooks = torch.autograd.graph.saved_tensors_hooks
+
+    def keeping(inner_pack, inner_unpack):  # record what attention.py's own hooks keep
+        def pack(t):
+            saved = inner_pack(t)
+            if isinstance(saved, torch.Tensor) and saved.dtype == torch.float32:
+                kept.append(saved.untyped_storage().data_ptr())
+            return saved
+
+        return hooks(pack, inner_unpack)
+
+    with mock.patch.object(torch.autograd.graph, "saved_tensors_hooks", keeping):
+        for _ in range(2):  # two layers of the kind
+            q, k, v = inputs(text, grid * grid - 1)
+            sparse_attention(q, k, v, plan)
+    bias = plan.bias(torch.float32)
+    assert kept.count(bias.untyped_storage().data_ptr()) == 2
+    assert plan.bias(torch.float32) is bias and plan.bias(torch.bfloat16).dtype == torch.bfloat16
+    expected = torch.zeros(plan.mask.shape).masked_fill(~plan.mask, float("-inf"))
+    assert torch.equal(bias[:, 0], expected)
+    moved = block_plan(kind, text, grid, 3, device=torch.device("meta"))
+    assert moved.biases == {} and moved.biases is not plan.biases  # its own, on its device
+
+
 def test_matmul_blocks_keep_neither_key_blocks_nor_probabilities():
     # what the products keep: q, k, v themselves and the output (besides the text
     # queries' own fused attention and its statistics); never a gathered block nor the

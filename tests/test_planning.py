@@ -97,7 +97,8 @@ def test_activation_bytes_equal_what_autograd_saves(kind):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model._layer(0, kind, x)
     for table in model._tables.values():  # the mask tables are the model's, not the batch's
-        for t in vars(table).values() if hasattr(table, "__dataclass_fields__") else table:
+        fields = vars(table).values() if hasattr(table, "__dataclass_fields__") else table
+        for t in [*fields, *getattr(table, "biases", {}).values()]:  # a plan's biases too
             if isinstance(t, torch.Tensor):
                 saved.pop(t.untyped_storage().data_ptr(), None)
     expected = batch * activation_bytes_per_layer(model, kind, "32-true")
