@@ -92,9 +92,10 @@ class BlockPlan:
     biases: dict = field(default_factory=dict, compare=False, repr=False)
 
     def bias(self, dtype: torch.dtype) -> torch.Tensor:
-        """``mask`` as SDPA's additive bias in ``dtype``, made once for every layer and
-        step: given the boolean mask, SDPA converts it at each call and keeps that copy for
-        the backward pass, one per layer (at 48×48 about 9 MB a step over the six layers)."""
+        """``mask`` as an additive bias in ``dtype``, made once for every layer and step
+        (both kernels add it). Given the boolean mask, SDPA would convert it at each call
+        and keep that copy for the backward pass, one per layer (at 48×48 about 9 MB a step
+        over the six layers)."""
         if dtype not in self.biases:
             self.biases[dtype] = _bias(self.mask, dtype)[:, None]
         return self.biases[dtype]
@@ -343,8 +344,8 @@ class _MatmulParts:
         else:
             kh, vh = self._read_windows(q, k, v, plan.keys.shape[1] - self.text)
         self.text_k, self.text_v = kh[:, :, : self.text], vh[:, :, : self.text]
-        allowed = plan.mask[lo:hi, :, self.text :]  # the text part of the mask is all True
-        self.bias = _bias(allowed, self.q.dtype)
+        # the image keys' part (the text part of the mask is all True), (blocks, b, K - T)
+        self.bias = plan.bias(self.q.dtype)[lo:hi, 0, :, self.text :]
 
     def _read_columns(self, q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
         """Column: block ``c`` is image column ``c``, read by a transposing copy. Sets the

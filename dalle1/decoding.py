@@ -443,7 +443,7 @@ def static_step(
     for lw, k_cache, v_cache, read in zip(w.layers, keys, values, reads):
         h = F.layer_norm(x, (d,), lw.norm, eps=EPS)
         q, k, v = lw.qkv(h).view(b, 3, w.heads, 1, -1).unbind(1)
-        q, k, v = (t.to(k_cache.dtype) for t in (q, k, v))  # a no-op unless cache_dtype differs
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)  # no-ops unless cache_dtype differs
         k_cache.index_copy_(2, pos, k)
         v_cache.index_copy_(2, pos, v)
         work = attention_dtype(k_cache, x.dtype)

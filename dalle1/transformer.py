@@ -92,7 +92,7 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, nn.Module], torch.T
 def _gain(norm: nn.Module) -> torch.Tensor:
     """The gain an x-transformers ``LayerNorm`` multiplies by: gamma, plus 1 with
     ``unit_offset`` (its Decoder's default: gamma is stored as the offset from 1)."""
-    return (norm.gamma + float(norm.unit_offset)).detach()
+    return norm.gamma + float(norm.unit_offset)
 
 
 def _matrix(linear: nn.Linear) -> Matrix:
@@ -156,8 +156,7 @@ def _layer_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ``F.layer_norm`` with the gain as its weight: the same function, in one kernel, whose
     backward pass keeps ``x`` and two numbers per row. The separate product kept a float32
     copy of the normed ``x`` per norm (two per layer: 50 MB of a 6-layer step at 32×32, batch 4)."""
-    gain = norm.gamma + 1.0 if norm.unit_offset else norm.gamma
-    return F.layer_norm(x, x.shape[-1:], gain, None, norm.ln.eps)
+    return F.layer_norm(x, x.shape[-1:], _gain(norm), None, norm.ln.eps)
 
 
 def _autocast_input(h: torch.Tensor) -> torch.Tensor:
@@ -414,12 +413,12 @@ class DALLE(nn.Module):
         if self._decode_weights is None or self._decode_weights[0] != key:
             layers = [
                 LayerWeights(
-                    norm=_gain(norm),
+                    norm=_gain(norm).detach(),
                     qkv=Matrix.of(
                         torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight])
                     ),
                     out=_matrix(attn.to_out),
-                    ff_norm=_gain(ff_norm),
+                    ff_norm=_gain(ff_norm).detach(),
                     ff_in=_matrix(ff.ff[0][0]),
                     ff_out=_matrix(ff.ff[2]),
                 )
