@@ -84,7 +84,6 @@ class BlockPlan:
     queries: torch.Tensor  # (blocks, b) long
     keys: torch.Tensor  # (blocks, K) long
     mask: torch.Tensor  # (blocks, b, K) bool: may query i of block j attend key k?
-    raster_slot: torch.Tensor  # (grid²,) long: the slot holding each image code
     # row and conv: block j reads the image codes j·b + window … j·b + window + K - T - 1
     # (a run: the allowed offsets leave no gap); None for column
     window: int | None = None
@@ -101,11 +100,13 @@ class BlockPlan:
         return self.biases[dtype]
 
 
-def default_block(kind: str, grid: int, fused: bool = True) -> int:
-    """Queries per block: one grid row (a column for ``column``); for the fused kernel, two
-    rows for conv once rows have 8 codes or more (fewer, larger blocks measured faster on
-    CPU at grid 32; the matrix products of ``fused=False`` prefer one row)."""
-    return grid * (2 if kind == "conv" and grid >= 8 and fused else 1)
+def default_block(kind: str, grid: int) -> int:
+    """Queries per block: one grid row (a column for ``column``); two rows for conv once
+    rows have 8 codes or more: its window reaches five rows back, so a second row of
+    queries adds a sixth of the keys, and fewer, larger blocks measured faster on CPU
+    with both kernels (bf16, B 4, forward and backward: 57 → 51 ms at grid 32, 179 → 172
+    at 48; docs/benchmarks.md)."""
+    return grid * (2 if kind == "conv" and grid >= 8 else 1)
 
 
 def block_plan(
@@ -115,17 +116,16 @@ def block_plan(
     conv_kernel: int = 11,
     device: torch.device = CPU,
     block: int | None = None,
-    fused: bool = True,
 ) -> BlockPlan:
     """The plan of a sparse kind (row, column or conv), its tensors on ``device``.
 
     ``block`` overrides the block size of row and conv (tests use sizes that do not
-    divide the grid), which is otherwise :func:`default_block` for the kernel (``fused``)
-    the plan is meant for; a column block is always one column. Built on the CPU (some
+    divide the grid), which is otherwise :func:`default_block`; a column block is always
+    one column. Both kernels take the same plan. Built on the CPU (some
     steps are data-dependent, which the meta device cannot run), then moved.
     """
-    plan = _build_plan(kind, text, grid, conv_kernel, block or default_block(kind, grid, fused))
-    tensors = ("queries", "keys", "mask", "raster_slot")
+    plan = _build_plan(kind, text, grid, conv_kernel, block or default_block(kind, grid))
+    tensors = ("queries", "keys", "mask")
     moved = {name: getattr(plan, name).to(device) for name in tensors}
     return replace(plan, **moved, biases={})  # biases of its own, on its device
 
@@ -155,10 +155,6 @@ def _build_plan(kind: str, text: int, grid: int, conv_kernel: int, block: int) -
     text_keys = torch.arange(text, device=device).expand(blocks, text)
     keys = torch.cat([text_keys, text + image_keys.clamp(0, n - 1)], 1)
     mask_text = torch.ones(blocks, b, text, dtype=torch.bool, device=device)
-    raster_slot = torch.empty(n, dtype=torch.long, device=device)
-    slots = queries.flatten()
-    real = slots < n  # padding slots of the last block hold no code
-    raster_slot[slots[real]] = torch.arange(len(slots), device=device)[real]
     window = None
     if kind != "column" and int(relative[-1] - relative[0]) + 1 == len(relative):
         window = int(relative[0])
@@ -170,7 +166,6 @@ def _build_plan(kind: str, text: int, grid: int, conv_kernel: int, block: int) -
         text + queries,
         keys,
         torch.cat([mask_text, mask_image], 2),
-        raster_slot,
         window,
     )
 
@@ -243,9 +238,8 @@ def _fused_blocks(
 class _MatmulBlocks(torch.autograd.Function):
     """The blocks as batched matrix products and a softmax (``fused=False``).
 
-    It keeps for the backward pass what a fused kernel keeps, ``q, k, v`` as given and
-    the output, and the backward pass gathers the blocks again and recomputes their
-    probabilities, as flash attention does: kept, the probabilities (``K`` float32
+    It keeps for the backward pass only ``q, k, v`` as given, and the backward pass gathers the blocks again and recomputes their probabilities, as
+    flash attention does: kept, the probabilities (``K`` float32
     numbers per query and head) would outweigh all else the layer keeps. Under bf16
     autocast on a CPU this beats SDPA's fused kernel, whose bf16 backward is slow on
     small blocks (docs/benchmarks.md)."""
@@ -261,18 +255,18 @@ class _MatmulBlocks(torch.autograd.Function):
         parts = _MatmulParts(q, k, v, plan, lo, hi)
         out = parts.slot_major(parts.forward())
         out_text = _TextQueries(q, k, v, plan.text).forward() if text else q.new_empty(0)
-        ctx.save_for_backward(q, k, v, out, out_text)
+        ctx.save_for_backward(q, k, v)
         ctx.plan, ctx.lo, ctx.hi, ctx.text = plan, lo, hi, text
         return out, out_text
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, grad_text: torch.Tensor) -> tuple:
-        q, k, v, out, out_text = ctx.saved_tensors
+        q, k, v = ctx.saved_tensors
         parts = _MatmulParts(q, k, v, ctx.plan, ctx.lo, ctx.hi)
-        dq, dk, dv = parts.backward(parts.heads_first(out), parts.heads_first(grad))
+        dq, dk, dv = parts.backward(parts.heads_first(grad))
         if ctx.text:  # the text queries' share, added at the text positions
             text = _TextQueries(q, k, v, ctx.plan.text)
-            for full, part in zip((dq, dk, dv), text.backward(out_text, grad_text)):
+            for full, part in zip((dq, dk, dv), text.backward(grad_text)):
                 full[:, : ctx.plan.text] += part.transpose(1, 2)
         return dq, dk, dv, None, None, None, None
 
@@ -299,7 +293,7 @@ class _TextQueries:
         out = self.probs() @ self.v.flatten(0, 1)
         return out.view(batch, heads, T, dim).transpose(1, 2).reshape(batch, T, heads * dim)
 
-    def backward(self, out: torch.Tensor, grad: torch.Tensor) -> tuple:
+    def backward(self, grad: torch.Tensor) -> tuple:
         """Gradients of the text positions' ``q, k, v``, each ``(B, heads, T, d)``."""
         batch, heads, T, dim = self.q.shape
         dtype = self.v.dtype
@@ -307,12 +301,11 @@ class _TextQueries:
         def heads_first(x: torch.Tensor) -> torch.Tensor:  # (B, T, heads · d) -> (B·heads, T, d)
             return x.view(batch, T, heads, dim).transpose(1, 2).reshape(batch * heads, T, dim)
 
-        grad, out = heads_first(grad.to(dtype)), heads_first(out)
+        grad = heads_first(grad.to(dtype))
         q, k, v = (x.flatten(0, 1) for x in (self.q, self.k, self.v))
         probs = self.probs()
         dv = probs.transpose(1, 2) @ grad
-        rowdot = (grad.float() * out.float()).sum(-1, keepdim=True).to(dtype)
-        ds = (grad @ v.transpose(1, 2)).sub_(rowdot).mul_(probs)
+        ds = torch._softmax_backward_data(grad @ v.transpose(1, 2), probs, -1, dtype)
         dq, dk = (ds @ k).mul_(self.scale), (ds.transpose(1, 2) @ q).mul_(self.scale)
         return tuple(x.view(batch, heads, T, dim) for x in (dq, dk, dv))
 
@@ -407,12 +400,14 @@ class _MatmulParts:
         """The inverse of :meth:`heads_first` (a copy)."""
         return x.permute(2, 3, 0, 1, 4).reshape(self.blocks * self.b, self.shape[0], -1)
 
-    def _side_by_side(self, rows: torch.Tensor, text: torch.Tensor, image: torch.Tensor):
-        """``(…, b, K)``: ``rows @ textᵀ`` then ``rows @ imageᵀ`` for the rows ``(B, heads,
-        blocks, b, d)`` of each block, each product written into its part
-        (:func:`_bmm_into`), in the products' dtype: under bf16 autocast they are rounded
-        to bf16 anyway, and float32 here would double the bytes of every pass over the
-        scores for no closer result."""
+    def _side_by_side(
+        self, rows: torch.Tensor, text: torch.Tensor, image: torch.Tensor, bias=None
+    ) -> torch.Tensor:
+        """``(…, b, K)``: ``rows @ textᵀ`` then ``rows @ imageᵀ`` (plus ``bias``, the image
+        keys' part of the mask, if given) for the rows ``(B, heads, blocks, b, d)`` of each
+        block, each product written into its part (:func:`_bmm_into`), in the products'
+        dtype: under bf16 autocast they are rounded to bf16 anyway, and float32 here would
+        double the bytes of every pass over the scores for no closer result."""
         batch, heads, blocks, b, _ = rows.shape
         out = rows.new_empty(batch, heads, blocks, b, self.text + image.shape[-2])
         flat = out.view(batch * heads, blocks * b, -1)  # the text part: one product per head
@@ -421,19 +416,14 @@ class _MatmulParts:
             text.flatten(0, 1).transpose(1, 2),
             flat[..., : self.text],
         )
-        _bmm_into(
-            rows.flatten(0, 2),
-            image.flatten(0, 2).transpose(1, 2),
-            out.view(-1, b, out.shape[-1])[..., self.text :],
-        )
+        image_part = out.view(-1, b, out.shape[-1])[..., self.text :]
+        _bmm_into(rows.flatten(0, 2), image.flatten(0, 2).transpose(1, 2), image_part, bias)
         return out
 
     def probs(self) -> torch.Tensor:
         """Softmax of each image query over its text and image keys, (…, b, K) (computed
         in float32 inside the kernel, whatever the dtype)."""
-        scores = self._side_by_side(self.q, self.text_k, self.k)
-        scores[..., self.text :].add_(self.bias)
-        return scores.softmax(-1)
+        return self._side_by_side(self.q, self.text_k, self.k, self.bias).softmax(-1)
 
     def forward(self) -> torch.Tensor:
         """The attention output ``(B, heads, blocks, b, d)``."""
@@ -442,28 +432,29 @@ class _MatmulParts:
         out = self._blocked(self._flat(text) @ self.text_v)
         return out.add_(image @ self.v)
 
-    def backward(self, out: torch.Tensor, grad: torch.Tensor) -> tuple:
-        """Gradients for ``q, k, v`` ``(B, S, heads, d)`` from the output's."""
+    def backward(self, grad: torch.Tensor) -> tuple:
+        """Gradients for ``q, k, v`` ``(B, S, heads, d)`` from the output's ``(B, heads,
+        blocks, b, d)``."""
         dtype, T = self.v.dtype, self.text
         grad, probs = grad.to(dtype).contiguous(), self.probs()
-        # each group of keys on its own from here: a CPU matrix product copies a strided
-        # operand (transposed, slowly), so one plain copy of each part is cheaper
-        p_text, p_image = self._flat(probs[..., :T]).contiguous(), probs[..., T:].contiguous()
+        # dp = grad · [text_v | v]ᵀ side by side, so that the softmax backward,
+        # p · (dp − Σ p · dp), is one fused pass over each block's (b, K) scores
+        dp = self._side_by_side(grad, self.text_v, self.v)
+        ds = torch._softmax_backward_data(dp, probs, -1, dtype)
+        del dp
+        # key and value gradients per block over all K keys (the operand is the plain
+        # transpose of a contiguous tensor, which the products read as is); the text
+        # keys' share is then summed over the blocks
+        dv = probs.transpose(-1, -2) @ grad
         # free at once: the last layer runs its backward pass first, on top of everything
         # the layers keep, so what it holds here sets the training step's peak
         del probs
-        dv_text = p_text.transpose(-1, -2) @ self._flat(grad)
-        dv_image = p_image.transpose(-1, -2) @ grad
-        # softmax backward: p · (dp − Σ p · dp), where Σ p · dp = grad · out for each query
-        rowdot = (grad.float() * out.float()).sum(-1, keepdim=True).to(dtype)
-        dp_text = self._flat(grad) @ self.text_v.transpose(-1, -2)
-        ds_text = dp_text.sub_(self._flat(rowdot)).mul_(p_text)
-        ds_image = (grad @ self.v.transpose(-1, -2)).sub_(rowdot).mul_(p_image)
-        # the scores are (q / √d) kᵀ: dk takes the kept, scaled queries; dq the scale
-        dq = (ds_text @ self.text_k).add_(self._flat(ds_image @ self.k)).mul_(self.scale)
-        dk_text = ds_text.transpose(-1, -2) @ self._flat(self.q)
-        dk_image = ds_image.transpose(-1, -2) @ self.q
-        return self._write_back(dq, (dk_text, dk_image), (dv_text, dv_image))
+        dk = ds.transpose(-1, -2) @ self.q  # the scores are (q / √d) kᵀ: the scaled q
+        dq = self._flat(ds[..., :T]) @ self.text_k
+        dq.add_(self._flat(ds[..., T:] @ self.k)).mul_(self.scale)
+        del ds
+        parts = [(x[..., :T, :].sum(2), x[..., T:, :]) for x in (dk, dv)]
+        return self._write_back(dq, *parts)
 
     def _write_back(self, dq, dk: tuple, dv: tuple) -> tuple:
         """The gradients of the blocks' queries ``(B, heads, blocks · b, d)`` and of the
@@ -523,16 +514,24 @@ class _MatmulParts:
         return full
 
 
-def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = a @ b`` (batched) for an ``out`` that is part of a wider tensor. A CPU bf16
-    product (oneDNN) writes any output stride at no cost, so it goes straight there; a
-    float32 one (MKL) falls back to one product per matrix for such an output (row
-    blocks, 32×32, B 4: 144 against 6 ms), so it goes through a contiguous result and a
-    copy."""
+def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias=None) -> None:
+    """``out = a @ b (+ bias)`` (batched) for an ``out`` that is part of a wider tensor.
+    A CPU bf16 product (oneDNN) writes any output stride at no cost, so it goes straight
+    there, and adds ``bias`` written there first (``beta = 1``: a pass over the scores
+    less than adding it after, and the same numbers for a bias of 0 and -inf); a float32
+    one (MKL) falls back to one product per matrix for such an output (row blocks, 32×32,
+    B 4: 144 against 6 ms), and to a slower product with ``beta = 1``, so it goes through
+    a contiguous result, a copy and an addition."""
     if out.dtype == torch.bfloat16 or out.device.type != "cpu":
-        torch.bmm(a, b, out=out)
+        if bias is None:
+            torch.bmm(a, b, out=out)
+        else:
+            out.view(-1, *bias.shape).copy_(bias)
+            out.baddbmm_(a, b)
     else:
         out.copy_(torch.bmm(a, b))
+        if bias is not None:
+            out.view(-1, *bias.shape).add_(bias)
 
 
 def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -656,11 +655,8 @@ def sparse_attention(
     image = []
     if m > 0:
         n = plan.grid * plan.grid
-        if plan.kind == "column":  # every column block holds row 0
-            blocks = len(plan.queries)
-            # slots worth projecting: the last slot is the last code, absent from an
-            # input stream (a shorter prefix's other missing codes are projected, unused)
-            real = n if m == n else n - 1
+        if plan.kind == "column":  # every column block holds row 0: all slots
+            blocks, real = len(plan.queries), n  # (a prefix's missing codes unused)
         else:  # a raster prefix needs only the blocks it reaches, and its own slots
             blocks, real = -(-m // plan.block), m
         for lo, hi in _chunks(plan, blocks, size):  # each (slots, B, heads · d)
@@ -672,6 +668,8 @@ def sparse_attention(
                 out = _fused_blocks(q, k, v, plan, lo, hi, dropout_p)
             image.append(project(out[: real - lo * plan.block]))
         if plan.kind == "column":  # slots run column by column: back to raster order
-            image = [torch.cat(image).index_select(0, plan.raster_slot[:m])]
+            columns = torch.cat(image).unflatten(0, (plan.grid, plan.grid))
+            # a transposing copy (its backward is one too; a gather's is a scatter-add)
+            image = [columns.transpose(0, 1).flatten(0, 1)[:m]]
     pieces = text + [piece.transpose(0, 1) for piece in image]
     return torch.cat(pieces, 1)

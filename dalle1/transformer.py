@@ -306,17 +306,14 @@ class DALLE(nn.Module):
             self._tables[key] = build()
         return self._tables[key]
 
-    def block_plan(self, kind: str, device: torch.device, fused: bool = True) -> BlockPlan:
-        """How the full forward cuts a sparse layer into blocks (:mod:`dalle1.attention`)
-        for the fused kernel or (``fused=False``) the matrix products."""
+    def block_plan(self, kind: str, device: torch.device) -> BlockPlan:
+        """How the full forward cuts a sparse layer into blocks (:mod:`dalle1.attention`)."""
         s = self.shape
         return self._table(
-            "plan" if fused else "plan-matmul",
+            "plan",
             kind,
             device,
-            lambda: block_plan(
-                kind, s.text_len + 1, s.grid, self.cfg.conv_kernel, device, fused=fused
-            ),
+            lambda: block_plan(kind, s.text_len + 1, s.grid, self.cfg.conv_kernel, device),
         )
 
     def key_table(self, kind: str, device: torch.device) -> tuple[torch.Tensor, list[int]]:
@@ -368,7 +365,7 @@ class DALLE(nn.Module):
         if kind == "dense":  # the plain products pay (S, S) scores: only for short streams
             attend = dense_attention(dropout, flash=self.flash or x.shape[1] > PLAIN_DENSE_MAX)
         else:
-            plan = self.block_plan(kind, x.device, fused=self.flash)
+            plan = self.block_plan(kind, x.device)
 
             def attend(q, k, v, project):
                 return sparse_attention(q, k, v, plan, dropout, project=project, fused=self.flash)
