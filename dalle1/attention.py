@@ -508,7 +508,7 @@ class _MatmulParts:
         """A gradient buffer ``(B, heads, length, d)`` (default: the stream's ``S``) in
         ``rows``' dtype: zeros, the text positions' gradient ``text`` first if given."""
         batch, heads, size, dim = self.shape
-        full = rows.new_zeros(batch, heads, length or size, dim)
+        full = rows.new_zeros(batch, length or size, heads, dim).transpose(1, 2)
         if text is not None:
             full[:, :, : self.text] = text
         return full
