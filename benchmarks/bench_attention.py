@@ -172,8 +172,10 @@ def memory(attention: str, grid: int, batch: int, steps: int, threads: int, prec
     return {"attention": attention, "grid": f"{grid}x{grid}", "batch": batch, **json.loads(out)}
 
 
-def saved_bytes(kind: str, grid: int, batch: int) -> int:
-    """Bytes of the distinct storages one attention layer keeps for its backward pass."""
+def saved_bytes(kind: str, grid: int, batch: int, fused: bool = True) -> int:
+    """Bytes of the distinct storages one attention layer keeps for its backward pass
+    (float32; a sparse layer through SDPA's fused kernel or, ``fused=False``, the matrix
+    products bf16 training takes)."""
     model = build("dense", grid)
     heads, dim_head = MODEL["heads"], MODEL["dim_head"]
     size = TEXT_LEN + grid * grid  # the input stream: <bos>, text, codes but the last
@@ -203,18 +205,23 @@ def saved_bytes(kind: str, grid: int, batch: int) -> int:
             a, b, c = (t.transpose(1, 2) for t in (q, k, v))
             F.scaled_dot_product_attention(a, b, c, is_causal=True)
         else:
-            sparse_attention(q, k, v, model.block_plan(kind, q.device))
+            sparse_attention(q, k, v, model.block_plan(kind, q.device), fused=fused)
     return sum(storages.values())
+
+
+KINDS = ("row", "column", "conv")
 
 
 def layer_memory(grids: list[int], batch: int) -> list[dict]:
     rows = []
-    for kind in ("dense", "row", "column", "conv"):
+    kernels = [("dense", "fused")] + [(k, x) for k in KINDS for x in ("fused", "products")]
+    for kind, kernel in kernels:
         for grid in grids:
-            nbytes = saved_bytes(kind, grid, batch)
+            nbytes = saved_bytes(kind, grid, batch, fused=kernel == "fused")
             rows.append(
                 {
                     "kind": kind,
+                    "kernel": kernel,
                     "grid": f"{grid}x{grid}",
                     "batch": batch,
                     "saved_mb": round(nbytes / 2**20, 2),

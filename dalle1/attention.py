@@ -437,18 +437,18 @@ class _MatmulParts:
         blocks, b, d)``."""
         dtype, T = self.v.dtype, self.text
         grad, probs = grad.to(dtype).contiguous(), self.probs()
-        # dp = grad · [text_v | v]ᵀ side by side, so that the softmax backward,
-        # p · (dp − Σ p · dp), is one fused pass over each block's (b, K) scores
-        dp = self._side_by_side(grad, self.text_v, self.v)
-        ds = torch._softmax_backward_data(dp, probs, -1, dtype)
-        del dp
         # key and value gradients per block over all K keys (the operand is the plain
         # transpose of a contiguous tensor, which the products read as is); the text
-        # keys' share is then summed over the blocks
+        # keys' share is summed over the blocks below
         dv = probs.transpose(-1, -2) @ grad
-        # free at once: the last layer runs its backward pass first, on top of everything
-        # the layers keep, so what it holds here sets the training step's peak
-        del probs
+        # dp = grad · [text_v | v]ᵀ side by side, so that the softmax backward,
+        # ds = p · (dp − Σ p · dp), is one fused pass over each block's (b, K) scores,
+        # written over dp: two (…, b, K) tensors at most, never three. The last layer
+        # runs its backward pass first, on top of everything the layers keep, so what it
+        # holds here sets the training step's peak.
+        dp = self._side_by_side(grad, self.text_v, self.v)
+        ds = torch._softmax_backward_data(dp, probs, -1, dtype, grad_input=dp)
+        del probs, dp
         dk = ds.transpose(-1, -2) @ self.q  # the scores are (q / √d) kᵀ: the scaled q
         dq = self._flat(ds[..., :T]) @ self.text_k
         dq.add_(self._flat(ds[..., T:] @ self.k)).mul_(self.scale)
@@ -608,15 +608,24 @@ def matmul_attention(
     return probs.to(v.dtype) @ v
 
 
-# How many times the stream's own rows the gathered keys of one chunk may hold. Each
-# chunk costs a pass over the gradients of q, k, v, so chunks are few (one at grid 32);
-# they bound the memory of a long stream's gathered blocks.
+# How many times the stream's own rows the gathered keys of one chunk may hold, and how
+# many times the queries' own numbers (S · d per sample and head) its (b, K) scores may
+# hold: the matrix products' backward pass has two such score tensors alive at once,
+# and the last layer's sets the training step's peak. Each chunk costs a pass over the
+# gradients of q, k, v, so chunks are few (one per layer at grid 32, d 32; conv takes
+# two at grid 48); they bound the memory of a long stream's blocks.
 CHUNK_ROWS = 4
+CHUNK_SCORES = 10
 
 
-def _chunks(plan: BlockPlan, blocks: int, size: int) -> list[tuple[int, int]]:
-    """Runs of blocks whose gathered keys hold at most ``CHUNK_ROWS`` times the stream."""
-    per_chunk = max(1, CHUNK_ROWS * size // plan.keys.shape[1])
+def _chunks(plan: BlockPlan, blocks: int, size: int, dim: int) -> list[tuple[int, int]]:
+    """Runs of blocks whose gathered keys hold at most ``CHUNK_ROWS`` times the stream
+    and whose scores at most ``CHUNK_SCORES`` times its queries (head width ``dim``)."""
+    width = plan.keys.shape[1]
+    by_keys = CHUNK_ROWS * size // width
+    by_scores = CHUNK_SCORES * size * dim // (plan.block * width)
+    count = -(-blocks // max(1, min(by_keys, by_scores)))
+    per_chunk = -(-blocks // count)  # chunks of equal size: the largest sets the peak
     return [(lo, min(lo + per_chunk, blocks)) for lo in range(0, blocks, per_chunk)]
 
 
@@ -659,7 +668,7 @@ def sparse_attention(
             blocks, real = len(plan.queries), n  # (a prefix's missing codes unused)
         else:  # a raster prefix needs only the blocks it reaches, and its own slots
             blocks, real = -(-m // plan.block), m
-        for lo, hi in _chunks(plan, blocks, size):  # each (slots, B, heads · d)
+        for lo, hi in _chunks(plan, blocks, size, dim):  # each (slots, B, heads · d)
             if matmul:
                 out, out_text = _MatmulBlocks.apply(q, k, v, plan, lo, hi, lo == 0)
                 if lo == 0:
