@@ -423,7 +423,10 @@ class _MatmulParts:
     def probs(self) -> torch.Tensor:
         """Softmax of each image query over its text and image keys, (…, b, K) (computed
         in float32 inside the kernel, whatever the dtype)."""
-        return self._side_by_side(self.q, self.text_k, self.k, self.bias).softmax(-1)
+        scores = self._side_by_side(self.q, self.text_k, self.k, self.bias)
+        # in place: the softmax reads each row before it writes it, so the scores need no
+        # second buffer (the last layer's forward runs on top of all the layers keep)
+        return torch.softmax(scores, -1, out=scores)
 
     def forward(self) -> torch.Tensor:
         """The attention output ``(B, heads, blocks, b, d)``."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dalle1 import attention
 from dalle1.attention import _add_every, block_plan, default_block, sparse_attention
 from dalle1.masks import allowed
 
@@ -64,6 +65,47 @@ def test_blocked_attention_equals_masked_attention(kind, text, grid, codes, kern
     assert (got - want).abs().max() <= 1e-5
     for a, b in zip(got_grads, want_grads):
         assert (a - b).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "matmul"])
+@pytest.mark.parametrize("kind", ["row", "column", "conv"])
+def test_many_chunks_equal_masked_attention(kind, fused):
+    # long streams run their blocks in chunks; tiny budgets force several per layer
+    text, grid, codes, kernel = 7, 8, 63, 5
+    plan = block_plan(kind, text, grid, kernel)
+    with (
+        mock.patch.object(attention, "CHUNK_ROWS", 1),
+        mock.patch.object(attention, "CHUNK_SCORES", 1),
+    ):
+        chunks = attention._chunks(plan, len(plan.queries), text + codes, 8)
+        assert len(chunks) > 1 and chunks[0][0] == 0 and chunks[-1][1] == len(plan.queries)
+        assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # contiguous runs
+        sizes = [hi - lo for lo, hi in chunks]
+        assert max(sizes) - min(sizes) <= 1  # of equal size: the largest sets the peak
+        qkv = inputs(text, codes)
+        out_grad = torch.randn(2, text + codes, 24, generator=torch.Generator().manual_seed(1))
+        want, want_grads = forward_and_grads(
+            lambda q, k, v: reference(q, k, v, kind, text, grid, kernel), qkv, out_grad
+        )
+        got, got_grads = forward_and_grads(
+            lambda q, k, v: sparse_attention(q, k, v, plan, fused=fused), qkv, out_grad
+        )
+    assert (got - want).abs().max() <= 1e-5
+    for a, b in zip(got_grads, want_grads):
+        assert (a - b).abs().max() <= 1e-5
+
+
+def test_chunk_scores_stay_within_their_budget():
+    # the paper's 48×48 grid: conv's scores would be 11.5 times the queries in one chunk
+    size, dim = 33 + 48 * 48 - 1, 32
+    for kind in ("row", "column", "conv"):
+        plan = block_plan(kind, 33, 48, 11)
+        chunks = attention._chunks(plan, len(plan.queries), size, dim)
+        width = plan.keys.shape[1]
+        for lo, hi in chunks:
+            assert (hi - lo) * plan.block * width <= attention.CHUNK_SCORES * size * dim
+            assert (hi - lo) * width <= attention.CHUNK_ROWS * size
+        assert len(chunks) == (2 if kind == "conv" else 1)
 
 
 @pytest.mark.parametrize("kind", ["row", "column", "conv"])
