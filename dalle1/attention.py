@@ -45,10 +45,11 @@ Memory. Each image key appears in several blocks, so the gathered blocks are cop
 Neither kernel keeps them for the backward pass: :func:`_fused_blocks` keeps only how to
 gather them again (the sources ``q, k, v`` are kept anyway), and :class:`_MatmulBlocks`
 gathers them again and recomputes the probabilities, as flash attention does. So a
-sparse layer keeps what a dense one keeps: ``q, k, v`` and the attention output (and,
-fused, its softmax statistics), linear in the number of codes. Long streams run their
-blocks in chunks, which bounds the copies that exist for a moment to a few times the
-layer's own keys.
+sparse layer keeps what a dense one keeps, ``q, k, v`` and, fused, the attention output
+and its softmax statistics, or with the products ``q, k, v`` alone: linear in the number
+of codes. Long streams run their blocks in chunks (:func:`_chunks`), which bounds the
+copies and the block scores that exist for a moment to a few times the layer's own
+keys and queries.
 
 ``tests/test_attention.py`` holds every kind to plain masked attention over the whole
 stream, forward and gradients.
@@ -238,11 +239,12 @@ def _fused_blocks(
 class _MatmulBlocks(torch.autograd.Function):
     """The blocks as batched matrix products and a softmax (``fused=False``).
 
-    It keeps for the backward pass only ``q, k, v`` as given, and the backward pass gathers the blocks again and recomputes their probabilities, as
-    flash attention does: kept, the probabilities (``K`` float32
-    numbers per query and head) would outweigh all else the layer keeps. Under bf16
-    autocast on a CPU this beats SDPA's fused kernel, whose bf16 backward is slow on
-    small blocks (docs/benchmarks.md)."""
+    It keeps for the backward pass only ``q, k, v`` as given, and the backward pass
+    gathers the blocks again and recomputes their probabilities, as flash attention
+    does: kept, the probabilities (``K`` numbers per query and head) would outweigh all
+    else the layer keeps. The softmax's backward is torch's own fused one, which needs
+    the probabilities and not the output. Under bf16 autocast on a CPU this beats SDPA's
+    fused kernel, whose bf16 backward is slow on small blocks (docs/benchmarks.md)."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan: BlockPlan, lo: int, hi: int, text: bool) -> tuple:

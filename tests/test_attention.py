@@ -53,6 +53,12 @@ CASES = [
 @pytest.mark.parametrize("text, grid, codes, kernel, block", CASES)
 def test_blocked_attention_equals_masked_attention(kind, text, grid, codes, kernel, block, fused):
     plan = block_plan(kind, text, grid, kernel, block=block)
+    assert_equals_reference(plan, codes, kernel, fused)
+
+
+def assert_equals_reference(plan, codes: int, kernel: int, fused: bool) -> None:
+    """``sparse_attention`` under ``plan`` equals masked attention, output and gradients."""
+    kind, text, grid = plan.kind, plan.text, plan.grid
     qkv = inputs(text, codes)
     out_grad = torch.randn(2, text + codes, 24, generator=torch.Generator().manual_seed(1))
     want, want_grads = forward_and_grads(
@@ -82,17 +88,7 @@ def test_many_chunks_equal_masked_attention(kind, fused):
         assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # contiguous runs
         sizes = [hi - lo for lo, hi in chunks]
         assert max(sizes) - min(sizes) <= 1  # of equal size: the largest sets the peak
-        qkv = inputs(text, codes)
-        out_grad = torch.randn(2, text + codes, 24, generator=torch.Generator().manual_seed(1))
-        want, want_grads = forward_and_grads(
-            lambda q, k, v: reference(q, k, v, kind, text, grid, kernel), qkv, out_grad
-        )
-        got, got_grads = forward_and_grads(
-            lambda q, k, v: sparse_attention(q, k, v, plan, fused=fused), qkv, out_grad
-        )
-    assert (got - want).abs().max() <= 1e-5
-    for a, b in zip(got_grads, want_grads):
-        assert (a - b).abs().max() <= 1e-5
+        assert_equals_reference(plan, codes, kernel, fused)
 
 
 def test_chunk_scores_stay_within_their_budget():
