@@ -511,7 +511,9 @@ class _MatmulParts:
 
     def _zeros(self, rows: torch.Tensor, text=None, length: int | None = None) -> torch.Tensor:
         """A gradient buffer ``(B, heads, length, d)`` (default: the stream's ``S``) in
-        ``rows``' dtype: zeros, the text positions' gradient ``text`` first if given."""
+        ``rows``' dtype: zeros, the text positions' gradient ``text`` first if given. A
+        view of a ``(B, length, heads, d)`` tensor, the layout of the projections the
+        gradient flows to, so that no transposing copy follows."""
         batch, heads, size, dim = self.shape
         full = rows.new_zeros(batch, length or size, heads, dim).transpose(1, 2)
         if text is not None:
