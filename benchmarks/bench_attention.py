@@ -68,6 +68,7 @@ import torch.nn.functional as F  # noqa: E402
 from _common import openmp_env  # noqa: E402
 
 from dalle1.config import DALLEConfig, TrainConfig  # noqa: E402
+from dalle1.masks import KINDS  # noqa: E402
 from dalle1.training.allocator import keep_freed_memory  # noqa: E402
 from dalle1.training.precision import choose_precision, native_bf16  # noqa: E402
 from dalle1.training.systems import fused_adamw, set_flash_attention  # noqa: E402
@@ -209,12 +210,10 @@ def saved_bytes(kind: str, grid: int, batch: int, fused: bool = True) -> int:
     return sum(storages.values())
 
 
-KINDS = ("row", "column", "conv")
-
-
 def layer_memory(grids: list[int], batch: int) -> list[dict]:
     rows = []
-    kernels = [("dense", "fused")] + [(k, x) for k in KINDS for x in ("fused", "products")]
+    sparse = [k for k in KINDS if k != "dense"]
+    kernels = [("dense", "fused")] + [(k, x) for k in sparse for x in ("fused", "products")]
     for kind, kernel in kernels:
         for grid in grids:
             nbytes = saved_bytes(kind, grid, batch, fused=kernel == "fused")
