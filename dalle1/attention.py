@@ -616,22 +616,29 @@ def matmul_attention(
 
 
 # How many times the stream's own rows the gathered keys of one chunk may hold, and how
-# many times the queries' own numbers (S · d per sample and head) its (b, K) scores may
-# hold: the matrix products' backward pass has two such score tensors alive at once,
-# and the last layer's sets the training step's peak. Each chunk costs a pass over the
-# gradients of q, k, v, so chunks are few (one per layer at grid 32, d 32; conv takes
-# two at grid 48); they bound the memory of a long stream's blocks.
+# many times the queries' own numbers (S · d per sample and head) the (b, K) scores of
+# the matrix products may hold (their backward pass has two such score tensors alive at
+# once; SDPA's fused kernel keeps its scores in tiles and is bounded by the keys alone).
+# The last layer's backward comes right after the loss, when every layer's activations
+# are alive: with 4, its scores stay below the loss's own peak (bf16, grid 32, batch 4:
+# 10 put that layer 23 MB above it). Each chunk costs a pass over the gradients of q, k,
+# v, so chunks are few: one per layer at grid 32, d 32, except conv through the
+# products (two; three at grid 48); they bound the memory of a long stream's blocks.
 CHUNK_ROWS = 4
-CHUNK_SCORES = 10
+CHUNK_SCORES = 4
 
 
-def _chunks(plan: BlockPlan, blocks: int, size: int, dim: int) -> list[tuple[int, int]]:
+def _chunks(
+    plan: BlockPlan, blocks: int, size: int, dim: int, products: bool = True
+) -> list[tuple[int, int]]:
     """Runs of blocks whose gathered keys hold at most ``CHUNK_ROWS`` times the stream
-    and whose scores at most ``CHUNK_SCORES`` times its queries (head width ``dim``)."""
+    and, for the matrix products, whose scores at most ``CHUNK_SCORES`` times its queries
+    (head width ``dim``)."""
     width = plan.keys.shape[1]
-    by_keys = CHUNK_ROWS * size // width
-    by_scores = CHUNK_SCORES * size * dim // (plan.block * width)
-    count = -(-blocks // max(1, min(by_keys, by_scores)))
+    per_run = CHUNK_ROWS * size // width
+    if products:
+        per_run = min(per_run, CHUNK_SCORES * size * dim // (plan.block * width))
+    count = -(-blocks // max(1, per_run))
     per_chunk = -(-blocks // count)  # chunks of equal size: the largest sets the peak
     return [(lo, min(lo + per_chunk, blocks)) for lo in range(0, blocks, per_chunk)]
 
@@ -675,7 +682,7 @@ def sparse_attention(
             blocks, real = len(plan.queries), n  # (a prefix's missing codes unused)
         else:  # a raster prefix needs only the blocks it reaches, and its own slots
             blocks, real = -(-m // plan.block), m
-        for lo, hi in _chunks(plan, blocks, size, dim):  # each (slots, B, heads · d)
+        for lo, hi in _chunks(plan, blocks, size, dim, matmul):  # each (slots, B, heads · d)
             if matmul:
                 out, out_text = _MatmulBlocks.apply(q, k, v, plan, lo, hi, lo == 0)
                 if lo == 0:

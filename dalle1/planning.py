@@ -174,11 +174,12 @@ def activation_bytes_per_layer(model: DALLE, kind: str, precision: str) -> float
 
 
 def logits_bytes(model: DALLE, precision: str) -> float:
-    """Peak bytes of the two heads' logits per sample: the logits in the compute dtype, their
-    float32 copy and the float32 log-softmax the cross-entropy keeps."""
+    """Peak bytes of the two heads' logits per sample: the logits in the compute dtype and
+    their gradient, the same size (:func:`dalle1.transformer.cross_entropy` converts them
+    to float32 a cache-sized piece at a time and keeps no float32 copy)."""
     s = model.shape
     b = 2 if low_precision(precision) else 4
-    return (s.text_len * s.text_vocab + s.num_codes * s.image_vocab) * (b + 8)
+    return (s.text_len * s.text_vocab + s.num_codes * s.image_vocab) * 2 * b
 
 
 def activation_bytes(model: DALLE, precision: str, checkpointing: bool) -> float:

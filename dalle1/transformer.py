@@ -169,6 +169,55 @@ def _autocast_input(h: torch.Tensor) -> torch.Tensor:
     return h.to(torch.get_autocast_dtype(device))
 
 
+# float32 bytes of logits one piece of the loss converts at a time: on a CPU a piece
+# that stays in a core's cache; on a GPU large enough to be few launches
+LOSS_PIECE_BYTES = {"cpu": 1 << 20}
+LOSS_PIECE_BYTES_ELSEWHERE = 256 << 20
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy in float32, one piece of rows at a time (see :func:`cross_entropy`)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, rows: int) -> torch.Tensor:
+        lse = torch.empty(len(logits), device=logits.device, dtype=torch.float32)
+        for lo in range(0, len(logits), rows):
+            lse[lo : lo + rows] = logits[lo : lo + rows].float().logsumexp(-1)
+        picked = logits.gather(1, target[:, None])[:, 0].float()
+        ctx.save_for_backward(logits, target, lse)
+        ctx.rows = rows
+        return (lse - picked).mean()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        logits, target, lse = ctx.saved_tensors
+        out, scale, rows = torch.empty_like(logits), grad.float() / len(logits), ctx.rows
+        for lo in range(0, len(logits), rows):
+            hi = min(lo + rows, len(logits))
+            # d/dlogit of lse - logit[target]: softmax - one-hot
+            p = (logits[lo:hi].float() - lse[lo:hi, None]).exp_()  # a new tensor: never in place
+            p.scatter_add_(1, target[lo:hi, None], p.new_full((hi - lo, 1), -1.0))
+            out[lo:hi] = p.mul_(scale)
+        return out, None, None
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy(logits.float(), target)`` (mean over rows) without a float32
+    copy of all the logits.
+
+    The logits (N, V) are the largest tensors of a training step (grid 32, batch 4: 4096
+    rows of 1,024 codes), and bf16 autocast makes them bf16. ``F.cross_entropy`` on
+    their float32 copy keeps float32 log-probabilities for its backward pass and builds
+    two float32 gradients of the same size at the step's peak. Here each piece of rows is
+    converted, reduced to its log-sum-exp and dropped; the backward pass rebuilds the
+    softmax of one piece at a time and writes the gradient in the logits' own dtype. The
+    same function, in float32 throughout (tests: ≤ 1e-6 of ``F.cross_entropy``).
+    """
+    budget = LOSS_PIECE_BYTES.get(logits.device.type, LOSS_PIECE_BYTES_ELSEWHERE)
+    rows = max(1, budget // (4 * logits.shape[-1]))
+    return _CrossEntropy.apply(logits, target, rows)
+
+
 def init_weights(module: nn.Module) -> None:
     """The constructors' own initialisation, again, of ``module`` and everything in it.
 
@@ -502,8 +551,8 @@ class DALLE(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """DALL-E's weighted cross-entropy: w · CE_text + (1 − w) · CE_image (paper: w = 1/8)."""
         text_logits, image_logits = self(text, codes)
-        text_loss = F.cross_entropy(text_logits.flatten(0, 1).float(), text.flatten())
-        image_loss = F.cross_entropy(image_logits.flatten(0, 1).float(), codes.flatten())
+        text_loss = cross_entropy(text_logits.flatten(0, 1), text.flatten())
+        image_loss = cross_entropy(image_logits.flatten(0, 1), codes.flatten())
         w = self.cfg.text_loss_weight
         loss = w * text_loss + (1 - w) * image_loss
         return loss, {"text_loss": text_loss.detach(), "image_loss": image_loss.detach()}

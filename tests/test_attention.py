@@ -83,7 +83,7 @@ def test_many_chunks_equal_masked_attention(kind, fused):
         mock.patch.object(attention, "CHUNK_ROWS", 1),
         mock.patch.object(attention, "CHUNK_SCORES", 1),
     ):
-        chunks = attention._chunks(plan, len(plan.queries), text + codes, 8)
+        chunks = attention._chunks(plan, len(plan.queries), text + codes, 8, not fused)
         assert len(chunks) > 1 and chunks[0][0] == 0 and chunks[-1][1] == len(plan.queries)
         assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # contiguous runs
         sizes = [hi - lo for lo, hi in chunks]
@@ -101,7 +101,10 @@ def test_chunk_scores_stay_within_their_budget():
         for lo, hi in chunks:
             assert (hi - lo) * plan.block * width <= attention.CHUNK_SCORES * size * dim
             assert (hi - lo) * width <= attention.CHUNK_ROWS * size
-        assert len(chunks) == (2 if kind == "conv" else 1)
+        assert len(chunks) == (3 if kind == "conv" else 1)
+        # the fused kernel keeps no scores: only the gathered keys bound its chunks
+        fused = attention._chunks(plan, len(plan.queries), size, dim, products=False)
+        assert len(fused) == 1
 
 
 @pytest.mark.parametrize("kind", ["row", "column", "conv"])

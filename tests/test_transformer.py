@@ -1,8 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
+from dalle1 import transformer
 from dalle1.config import DALLEConfig
-from dalle1.transformer import DALLE, StreamShape
+from dalle1.transformer import DALLE, StreamShape, cross_entropy
 
 SHAPE = StreamShape(text_vocab=40, text_len=5, image_vocab=24, grid=3, bos_id=1)
 
@@ -60,6 +62,37 @@ def test_loss_is_the_weighted_sum_of_text_and_image_cross_entropy():
             logs["image_loss"], ce_image
         )
         assert torch.allclose(loss, w * ce_text + (1 - w) * ce_image)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_piece_by_piece_equals_torch(dtype, monkeypatch):
+    # 7 rows of 24 codes per piece: 100 rows take 15 pieces, the last one short
+    monkeypatch.setitem(transformer.LOSS_PIECE_BYTES, "cpu", 7 * 24 * 4)
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(100, 24, generator=g)).to(dtype).requires_grad_()
+    target = torch.randint(0, 24, (100,), generator=g)
+    before = logits.detach().clone()
+    loss = cross_entropy(logits, target)
+    (grad,) = torch.autograd.grad(2.5 * loss, logits)
+    ref = F.cross_entropy(logits.float(), target)
+    (ref_grad,) = torch.autograd.grad(2.5 * ref, logits)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert (loss - ref).abs() <= 1e-6
+    assert (grad.float() - ref_grad.float()).abs().max() <= (
+        1e-7 if dtype == torch.float32 else 1e-3
+    )
+    assert torch.equal(logits.detach(), before)  # the softmax is rebuilt beside, not in place
+
+
+def test_cross_entropy_keeps_only_the_logits_and_a_float_per_row():
+    logits = torch.randn(64, 24, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        cross_entropy(logits, torch.randint(0, 24, (64,)))
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    # the bf16 logits themselves, the targets and one float32 log-sum-exp per row: no
+    # float32 copy of the logits (F.cross_entropy on logits.float() keeps 64 x 24 x 4 bytes)
+    assert sum(storages.values()) == 64 * 24 * 2 + 64 * 8 + 64 * 4
 
 
 @pytest.mark.parametrize("attention", ["dense", "dalle"])
