@@ -67,6 +67,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -385,6 +386,7 @@ def decode_layer(
     values: torch.Tensor,
     start: int,
     read: Read | torch.Tensor | None,
+    parallel_from: int | None = None,
 ) -> torch.Tensor:
     """One pre-norm layer for new positions [start, start + n), writing their keys/values.
 
@@ -392,6 +394,8 @@ def decode_layer(
     softmax(q kᵀ / √d) v -> out projection, residual; LayerNorm -> GELU feed-forward,
     residual. ``read``: for one position (n = 1) its :data:`Read`; for several, a boolean
     ``(n, start + n)`` mask, or None for plain causal attention from position 0.
+    ``parallel_from``: the bytes from which one position's read runs on every thread
+    (:func:`read_threads`).
     """
     b, n, d = x.shape
     h = F.layer_norm(x, (d,), w.norm, eps=EPS)
@@ -400,7 +404,7 @@ def decode_layer(
     keys.narrow(2, start, n).copy_(k)
     values.narrow(2, start, n).copy_(v)
     if n == 1:
-        with intra_op_threads(read_threads(keys, read)):
+        with intra_op_threads(read_threads(keys, read, parallel_from)):
             out = attend(q, keys, values, read)
     else:
         past_k, past_v = keys.narrow(2, 0, stop), values.narrow(2, 0, stop)
@@ -520,15 +524,24 @@ def decode_threads(rows: int, device: torch.device, env: Mapping[str, str] | Non
 
 # A one-query read of at least this many key + value bytes, over at least this many
 # (batch row, head) pairs, runs on every thread torch was given, even inside a
-# one-thread step: streaming several MB from memory is faster on two cores than on
-# one, while at this size the products around it are still too small to split. Below
-# it, waking the second thread can cost more than it saves: on one 2-core machine a
-# 1 MB read took 108 µs on two threads against 43 on one, and a generation at grid 16,
-# batch 8, 1.35-1.48 s with 1 MB against 1.15-1.33 s with 6 MB (grid 32, batch 8:
-# 7.6-7.7 against 7.0-8.0 s; never in parallel 8.2-9.5 s); on another, 1 MB and 4 MB
-# were within the noise. The kernel splits the read by (row, head): one row's 8 heads
-# gave each thread too little (batch 1 at grid 16 slower; docs/benchmarks.md).
+# one-thread step: streaming several MB is faster on two cores than on one, while at
+# this size the products around it are still too small to split. Below it, waking the
+# second thread can cost more than it saves. The threshold depends on where the reads
+# come from (:func:`parallel_read_bytes`):
+#
+# * from the last-level cache, when everything a step reads (weights and the whole
+#   key/value cache) fits in it: one core reads fast there, and the threshold is 6 MB.
+#   On a 2-core machine with a large L3 a 1 MB read took 108 µs on two threads against
+#   43 on one, and a generation at grid 16, batch 8, 1.35-1.48 s with 1 MB against
+#   1.15-1.33 s with 6 MB;
+# * from memory, when it does not: one core streams a read at half the machine's
+#   bandwidth, and the threshold is 2 MB. On a 2-core Zen 4 (32 MB L3) generations ran
+#   4-9% faster with 2 MB than with 6 MB (grid 16 batch 8, grid 32 batches 2, 4 and 8).
+#
+# The kernel splits the read by (row, head): one row's 8 heads gave each thread too
+# little (batch 1 at grid 16 slower; docs/benchmarks.md).
 PARALLEL_READ_BYTES = 6 << 20
+STREAMED_READ_BYTES = 2 << 20
 PARALLEL_READ_HEADS = 16
 
 _outer_threads: list[int] = []  # the counts intra_op_threads blocks replaced, outermost first
@@ -549,21 +562,54 @@ def intra_op_threads(n: int) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def read_threads(keys: torch.Tensor, read: Read) -> int:
+CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")  # Linux: index0 (L1) ... index3 (L3)
+
+
+@lru_cache(maxsize=4)
+def last_level_cache_bytes(caches: Path = CPU_CACHES) -> int:
+    """The size of this CPU's largest cache (Linux sysfs ``caches``), or 0 where it cannot
+    be read."""
+    sizes = [0]
+    for index in caches.glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        if text[:-1].isdigit() and text[-1] in units:
+            sizes.append(int(text[:-1]) * units[text[-1]])
+        elif text.isdigit():
+            sizes.append(int(text))
+    return max(sizes)
+
+
+def parallel_read_bytes(working_set: int, cache_bytes: int | None = None) -> int:
+    """From how many bytes a one-query read runs on every thread, for a step that reads
+    ``working_set`` bytes in all (weights and the whole key/value cache):
+    :data:`STREAMED_READ_BYTES` when that is more than the last-level cache
+    (``cache_bytes``, default :func:`last_level_cache_bytes`), so the reads stream from
+    memory, else :data:`PARALLEL_READ_BYTES` (also where the cache size is unknown)."""
+    llc = last_level_cache_bytes() if cache_bytes is None else cache_bytes
+    return STREAMED_READ_BYTES if 0 < llc < working_set else PARALLEL_READ_BYTES
+
+
+def read_threads(keys: torch.Tensor, read: Read, threshold: int | None = None) -> int:
     """Threads for one query's attention over the positions ``read`` names in ``keys``
     (B, H, capacity, d): torch's own setting (outside any :func:`intra_op_threads`) for
-    a read of :data:`PARALLEL_READ_BYTES` or more of keys and values over
+    a read of ``threshold`` bytes or more of keys and values (default
+    :data:`PARALLEL_READ_BYTES`; :func:`parallel_read_bytes`) over
     :data:`PARALLEL_READ_HEADS` or more (row, head) pairs on a CPU, else the current
     count."""
+    threshold = PARALLEL_READ_BYTES if threshold is None else threshold
     current = torch.get_num_threads()
     b, h, capacity, d = keys.shape
     per_position = 2 * b * h * d * keys.element_size()  # one key and one value
     if keys.device.type != "cpu" or b * h < PARALLEL_READ_HEADS:
         return current
     # the whole cache is below the threshold at most steps of small batches: no counting
-    if per_position * capacity < PARALLEL_READ_BYTES:
+    if per_position * capacity < threshold:
         return current
-    if per_position * read_width(read) < PARALLEL_READ_BYTES:
+    if per_position * read_width(read) < threshold:
         return current
     return _outer_threads[0] if _outer_threads else current
 

@@ -32,8 +32,9 @@ Speed: the step is :meth:`DALLE.step` (:mod:`dalle1.decoding`); ``decode=`` pick
 form (eager, compiled, CUDA graph; default ``$DALLE1_DECODE`` or ``auto``). On a CPU a
 cached loop over fewer than 4 rows runs on one thread where OpenMP's idle threads spin
 (dalle1's default), over fewer than 32 where they sleep at once
-(:func:`dalle1.decoding.decode_threads`), except for reads of a MB or more of keys and
-values (:func:`dalle1.decoding.read_threads`).
+(:func:`dalle1.decoding.decode_threads`), except for reads of several MB of keys and
+values (2 MB where a step's reads exceed the CPU's last-level cache, else 6 MB;
+:func:`dalle1.decoding.read_threads`).
 """
 
 from __future__ import annotations

@@ -245,6 +245,9 @@ class Cache:
     at ``prefill`` (``weights``), in the step form ``prefill`` chose (``runner``: None for
     the eager step, else the compiled / CUDA-graph step of :mod:`dalle1.decoding`), with
     buffers of ``dtype`` (None: the weights'; :func:`dalle1.decoding.cache_dtype`).
+    ``parallel_from``: the bytes from which one position's read of the cache runs on every
+    CPU thread (None: :data:`dalle1.decoding.PARALLEL_READ_BYTES`; ``prefill`` sets it from
+    what a step reads, :func:`dalle1.decoding.parallel_read_bytes`).
     """
 
     keys: list  # per layer: Tensor (B, heads, capacity, dim_head), allocated on first write
@@ -254,6 +257,7 @@ class Cache:
     weights: DecodeWeights | None = None
     runner: StepRunner | None = None
     dtype: torch.dtype | None = None
+    parallel_from: int | None = None
 
     def clone(self) -> Cache:
         def copy(buffers: list) -> list:
@@ -440,7 +444,8 @@ class DALLE(nn.Module):
                 read = None  # causal from position 0 (text attends text causally in every kind)
             else:
                 read = self.attn_mask(kind, start, stop)
-            x = decode_layer(x, lw, w.heads, cache.keys[i], cache.values[i], start, read)
+            k, v = cache.keys[i], cache.values[i]
+            x = decode_layer(x, lw, w.heads, k, v, start, read, cache.parallel_from)
         return x, replace(cache, length=stop, weights=w)
 
     # --- decoding's view of the model (dalle1/decoding.py) ------------------------------
@@ -578,7 +583,10 @@ class DALLE(nn.Module):
         runner = self._runner(decode, text.device)
         w = self.decode_weights()
         dtype = decoding.cache_dtype(cache_dtype or self.cache_dtype, w.dtype)
-        empty = Cache([None] * depth, [None] * depth, 0, capacity, w, runner, dtype)
+        # everything one step reads: the weights and every layer's keys and values
+        per_layer = 2 * len(text) * w.heads * capacity * w.dim_head * dtype.itemsize
+        parallel_from = decoding.parallel_read_bytes(w.nbytes() + depth * per_layer)
+        empty = Cache([None] * depth, [None] * depth, 0, capacity, w, runner, dtype, parallel_from)
         h, cache = self.decode_layers(self.embed_text(text), empty)
         return decoding.logits(cache.weights, h[:, -1]), cache
 

@@ -439,6 +439,32 @@ def test_packed_decoding_equals_plain_decoding_and_the_full_forward(monkeypatch)
     assert (packed - full).abs().max() <= 1e-4
 
 
+def test_the_last_level_cache_is_read_from_sysfs(tmp_path):
+    for index, size in (("index0", "48K"), ("index2", "1024K"), ("index3", "32768K")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    (tmp_path / "index4").mkdir()  # no size file: skipped
+    assert decoding.last_level_cache_bytes(tmp_path) == 32 << 20
+    assert decoding.last_level_cache_bytes(tmp_path / "absent") == 0
+
+
+def test_reads_go_parallel_sooner_when_a_step_streams_from_memory(monkeypatch):
+    llc = 32 << 20
+    assert decoding.parallel_read_bytes(50 << 20, llc) == decoding.STREAMED_READ_BYTES
+    assert decoding.parallel_read_bytes(20 << 20, llc) == decoding.PARALLEL_READ_BYTES
+    assert decoding.parallel_read_bytes(50 << 20, 0) == decoding.PARALLEL_READ_BYTES  # unknown
+    assert decoding.STREAMED_READ_BYTES < decoding.PARALLEL_READ_BYTES
+    # prefill counts the weights and every layer's keys and values of the batch
+    m, t = make(["dense"] * 2), text(3)
+    w, shape = m.decode_weights(), m.shape
+    per_layer = 2 * 3 * w.heads * (shape.text_len + shape.num_codes) * w.dim_head * 4
+    working_set = w.nbytes() + 2 * per_layer
+    for llc, expected in ((working_set - 1, "STREAMED"), (working_set, "PARALLEL")):
+        monkeypatch.setattr(decoding, "last_level_cache_bytes", lambda llc=llc: llc)
+        _, cache = m.prefill(t)
+        assert cache.parallel_from == getattr(decoding, f"{expected}_READ_BYTES")
+
+
 def test_a_large_read_runs_on_every_thread_inside_a_one_thread_step(monkeypatch):
     keys = torch.zeros(8, 8, 1024, 32)  # 2 x 8 x 8 x 512 x 32 x 4 bytes = 8 MB for 512 keys
     before = torch.get_num_threads()
@@ -453,6 +479,14 @@ def test_a_large_read_runs_on_every_thread_inside_a_one_thread_step(monkeypatch)
             assert read_threads(long, (slice(0, 2048, 1),)) == 2
             assert read_threads(long[:1], (slice(0, 4096, 1),)) == 1  # one row's 8 heads
         assert read_threads(keys, (slice(0, 512, 1),)) == 2  # outside: torch's own setting
+    finally:
+        torch.set_num_threads(before)
+    torch.set_num_threads(2)  # a lower threshold (reads that stream from memory)
+    try:
+        with intra_op_threads(1):
+            assert read_threads(keys, (slice(0, 128, 1),), threshold=2 << 20) == 2  # 2 MB
+            assert read_threads(keys, (slice(0, 127, 1),), threshold=2 << 20) == 1
+            assert read_threads(keys, (slice(0, 128, 1),)) == 1  # the default: 6 MB
     finally:
         torch.set_num_threads(before)
     # the same codes whichever way the reads are threaded
