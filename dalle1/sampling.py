@@ -82,7 +82,8 @@ def pick(logits: torch.Tensor, temperature: float, generators: Generators) -> to
     """
     if temperature == 0:
         return logits.argmax(-1)
-    probs = (logits.float() / temperature).softmax(-1)
+    logits = logits.float()
+    probs = (logits if temperature == 1 else logits / temperature).softmax(-1)
     if isinstance(generators, torch.Generator) or generators is None:
         return torch.multinomial(probs, 1, generator=generators).squeeze(-1)
     # torch.multinomial's own draw for one sample, argmax(p / q) with q ~ Exp(1), with each
@@ -181,7 +182,9 @@ def next_code(
         return logits.argmax(-1)
     if options.temperature < 1:  # l / T overflows for a tiny T: shift the largest logit to 0 first
         logits = logits - logits.amax(-1, keepdim=True)
-    return draw(logits / options.temperature, options.top_k, options.top_p, generators)
+    if options.temperature != 1:  # l / 1 is l: no pass over the logits for the default
+        logits = logits / options.temperature
+    return draw(logits, options.top_k, options.top_p, generators)
 
 
 def _check(

@@ -110,6 +110,22 @@ def test_temperature_sharpens(m):
     assert (hot[:, 0] == greedy[0, 0]).float().mean() < 0.5
 
 
+def test_temperature_one_draws_what_scaled_logits_draw_at_their_temperature():
+    # temperature 1 skips the division; halving the logits and drawing at 0.5 divides
+    # them back exactly (a power of two), so both must draw the same codes
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(3))
+
+    def codes(lg: torch.Tensor, t: float, **filters) -> torch.Tensor:
+        gens = [torch.Generator().manual_seed(i) for i in range(len(lg))]
+        return next_code(lg, SamplingOptions(temperature=t, **filters), gens)
+
+    for filters in ({}, {"top_k": 8}, {"top_p": 0.9}):
+        assert torch.equal(codes(logits, 1.0, **filters), codes(logits * 0.5, 0.5, **filters))
+    gens = [torch.Generator().manual_seed(i) for i in range(6)]
+    same = [torch.Generator().manual_seed(i) for i in range(6)]
+    assert torch.equal(pick(logits, 1.0, gens), pick(logits * 2, 2.0, same))
+
+
 def test_keep_mask_forces_codes_and_inputs_stay_unchanged(m):
     t = text(2)
     init = torch.randint(0, 24, (2, 16))
