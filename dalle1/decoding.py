@@ -563,6 +563,7 @@ def intra_op_threads(n: int) -> Iterator[None]:
 
 
 CPU_CACHES = Path("/sys/devices/system/cpu/cpu0/cache")  # Linux: index0 (L1) ... index3 (L3)
+SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}  # sysfs writes sizes as "32768K"
 
 
 @lru_cache(maxsize=4)
@@ -575,9 +576,8 @@ def last_level_cache_bytes(caches: Path = CPU_CACHES) -> int:
             text = (index / "size").read_text().strip().upper()
         except OSError:
             continue
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-        if text[:-1].isdigit() and text[-1] in units:
-            sizes.append(int(text[:-1]) * units[text[-1]])
+        if text[:-1].isdigit() and text[-1] in SIZE_UNITS:
+            sizes.append(int(text[:-1]) * SIZE_UNITS[text[-1]])
         elif text.isdigit():
             sizes.append(int(text))
     return max(sizes)

@@ -478,15 +478,11 @@ def test_a_large_read_runs_on_every_thread_inside_a_one_thread_step(monkeypatch)
             long = torch.zeros(2, 8, 4096, 32)  # 16 (row, head) pairs, 8 MB for 2048 keys
             assert read_threads(long, (slice(0, 2048, 1),)) == 2
             assert read_threads(long[:1], (slice(0, 4096, 1),)) == 1  # one row's 8 heads
-        assert read_threads(keys, (slice(0, 512, 1),)) == 2  # outside: torch's own setting
-    finally:
-        torch.set_num_threads(before)
-    torch.set_num_threads(2)  # a lower threshold (reads that stream from memory)
-    try:
-        with intra_op_threads(1):
-            assert read_threads(keys, (slice(0, 128, 1),), threshold=2 << 20) == 2  # 2 MB
+            # a lower threshold (reads that stream from memory): 128 keys are 2 MB
+            assert read_threads(keys, (slice(0, 128, 1),), threshold=2 << 20) == 2
             assert read_threads(keys, (slice(0, 127, 1),), threshold=2 << 20) == 1
             assert read_threads(keys, (slice(0, 128, 1),)) == 1  # the default: 6 MB
+        assert read_threads(keys, (slice(0, 512, 1),)) == 2  # outside: torch's own setting
     finally:
         torch.set_num_threads(before)
     # the same codes whichever way the reads are threaded
